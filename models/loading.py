@@ -1,0 +1,159 @@
+"""Where model weights come from: the bundled demo, a local folder, or the Hugging Face hub.
+
+Every source ends up as a local folder that ``from_pretrained`` reads with safetensors only
+and without remote code. A hub id is looked up in the local cache first; only when it is not
+cached is the hub probed, with a short timeout, because transformers alone retries an
+unreachable hub for minutes before it gives up.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import huggingface_hub
+import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+Component = Literal["blip", "clip"]
+ProgressCallback = Callable[[int, int], None]
+
+SHAPES_DEMO = "shapes-demo"
+SHAPES_DEMO_DIR = Path(__file__).resolve().parent / "shapes_demo"
+BLIP_BASE = "Salesforce/blip-image-captioning-base"
+BLIP_LARGE = "Salesforce/blip-image-captioning-large"
+CLIP_BASE = "openai/clip-vit-base-patch32"
+HUB_PROBE_TIMEOUT_S = 3.0
+# Only what from_pretrained needs for a safetensors checkpoint and its processor.
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model could not be loaded; the message says why in words a user understands."""
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """The device to run on: cuda, then mps, then cpu for "auto"; otherwise as asked."""
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def hub_is_offline() -> bool:
+    """Whether the user switched the hub off (``HF_HUB_OFFLINE``), read at call time."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_is_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the hub answers an HTTP request within ``timeout_s`` (any status counts)."""
+    endpoint = os.environ.get("HF_ENDPOINT", huggingface_hub.constants.ENDPOINT)
+    request = urllib.request.Request(f"{endpoint.rstrip('/')}/api/models", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True  # It answered, if only to refuse.
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_model_dir(
+    source: str, component: Component, on_progress: ProgressCallback | None = None
+) -> Path:
+    """Turn a source name into a local folder holding a safetensors checkpoint.
+
+    Args:
+        source: "shapes-demo", a local folder, or a hub id such as "Salesforce/blip-image-captioning-base".
+        component: which bundled demo model "shapes-demo" means ("blip" or "clip").
+        on_progress: called with (files done, files total) while a hub download runs.
+    Raises:
+        ModelUnavailableError: the folder is missing or incomplete, or the hub id is neither
+            cached nor downloadable.
+    """
+    if source == SHAPES_DEMO:
+        return _checked_folder(SHAPES_DEMO_DIR / component)
+    if Path(source).expanduser().is_dir():
+        return _checked_folder(Path(source).expanduser())
+    return _hub_snapshot(source, on_progress)
+
+
+def _checked_folder(folder: Path) -> Path:
+    """The folder itself, once it is known to hold a config and safetensors weights."""
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailableError(f"The model folder {folder} has no config.json.")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelUnavailableError(
+            f"The model folder {folder} has no .safetensors weights "
+            "(other weight formats are refused because they can run code when loaded)."
+        )
+    return folder
+
+
+def _hub_snapshot(repo_id: str, on_progress: ProgressCallback | None) -> Path:
+    """The cached snapshot of ``repo_id``, downloading it first when the hub is reachable."""
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=HUB_FILE_PATTERNS, local_files_only=True
+            )
+        )
+    except LocalEntryNotFoundError:
+        pass
+    except ValueError as error:  # Not a valid repo id, and not a folder either.
+        raise ModelUnavailableError(f"{repo_id!r} is neither a local folder nor a hub model id.") from error
+    if hub_is_offline():
+        raise ModelUnavailableError(
+            f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set."
+        )
+    if not hub_is_reachable():
+        raise ModelUnavailableError(
+            f"{repo_id} is not in the local cache and the Hugging Face hub did not answer "
+            f"within {HUB_PROBE_TIMEOUT_S:.0f} s."
+        )
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id,
+                allow_patterns=HUB_FILE_PATTERNS,
+                tqdm_class=_progress_tqdm(on_progress) if on_progress else None,
+            )
+        )
+    except Exception as error:  # The hub raises many types; the user needs one message.
+        raise ModelUnavailableError(f"Downloading {repo_id} failed: {error}") from error
+
+
+def _progress_tqdm(on_progress: ProgressCallback):
+    """A tqdm class that reports snapshot_download's file counter to ``on_progress``."""
+    from tqdm.auto import tqdm
+
+    class ProgressTqdm(tqdm):
+        def update(self, n=1):
+            shown = super().update(n)
+            on_progress(int(self.n), int(self.total or 0))
+            return shown
+
+    return ProgressTqdm
+
+
+def load_checkpoint(model_class, processor_class, folder: Path, device: torch.device):
+    """Load a model and its processor from a local folder, frozen and in eval mode.
+
+    Parameters never require grad: explanations take gradients with respect to activations
+    only, and a shared model must not accumulate ``.grad`` from any session.
+    """
+    try:
+        model = model_class.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+        # The PIL backend gives the same pixels on every machine (torchvision may be absent).
+        processor = processor_class.from_pretrained(folder, backend="pil")
+    except Exception as error:  # safetensors, tokenizers and transformers each raise their own types
+        raise ModelUnavailableError(f"The model in {folder} could not be loaded: {error}") from error
+    model.requires_grad_(False)
+    return model.eval().to(device), processor
