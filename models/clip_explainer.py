@@ -1,0 +1,156 @@
+"""CLIP image-text alignment explained: similarity scores and Grad-CAM on a vision layer.
+
+CLIP's image embedding is read from the last layer's CLS token alone, so the last layer's
+patch tokens get exactly zero gradient: maps come from earlier layers, and asking for the
+last one is an error rather than a silently blank map. CLIP resizes the short side and
+centre-crops, so its map covers the crop only (see ``PatchGeometry.visible_box``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel
+
+from models.cam_methods import VISION_LAYER_METHODS
+from models.hooks import capture_outputs
+from models.loading import CLIP_BASE, ProgressCallback, load_checkpoint, pick_device, resolve_model_dir
+from utils.patch_utils import PatchGeometry
+
+CLIP_METHODS: tuple[str, ...] = ("gradcam", "hirescam")
+DEFAULT_CLIP_METHOD = "gradcam"
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """CLIP's scores of one image against several texts.
+
+    Args:
+        texts: the texts, in order.
+        cosine_x100: (texts,) cosine similarity x 100, as CLIP papers report it.
+        probabilities: (texts,) softmax over the texts of the model's scaled logits.
+    """
+
+    texts: tuple[str, ...]
+    cosine_x100: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclass(frozen=True)
+class ClipMap:
+    """Where in the image CLIP finds a text.
+
+    Args:
+        text: the explained text.
+        method: key of CLIP_METHODS.
+        layer: 0-based vision layer index.
+        layer_name: its label.
+        cam_grid: (rows, columns) float32 relevance on CLIP's patch grid (the centre crop), >= 0.
+        cosine_x100: the explained score.
+    """
+
+    text: str
+    method: str
+    layer: int
+    layer_name: str
+    cam_grid: np.ndarray
+    cosine_x100: float
+
+
+class ClipExplainer:
+    """Scores and explains image-text similarity with CLIP; safe to share between threads.
+
+    Args:
+        model: a CLIPModel, frozen, in eval mode.
+        processor: its CLIPProcessor.
+        device: where the model lives.
+    """
+
+    def __init__(self, model: CLIPModel, processor, device: torch.device | None = None):
+        self.model = model
+        self.processor = processor
+        self.device = device or next(model.parameters()).device
+        crop = processor.image_processor.crop_size
+        self.geometry = PatchGeometry(
+            model_size=(crop["height"], crop["width"]),
+            patch_size=model.config.vision_config.patch_size,
+            resize_mode="shortest_edge_crop",
+        )
+        self.vision_layers = list(model.vision_model.encoder.layers)
+        # The last layer is excluded: its patch tokens never reach the embedding.
+        self.cam_layers = tuple(range(len(self.vision_layers) - 1))
+        self.default_layer = self.cam_layers[-1]
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str = CLIP_BASE, device: str = "auto", on_progress: ProgressCallback | None = None
+    ) -> ClipExplainer:
+        """Load from a hub id, a local folder or "shapes-demo" (see models.loading)."""
+        folder = resolve_model_dir(source, "clip", on_progress)
+        torch_device = pick_device(device)
+        model, processor = load_checkpoint(CLIPModel, AutoProcessor, folder, torch_device)
+        return cls(model, processor, torch_device)
+
+    def layer_name(self, layer: int) -> str:
+        return f"vision layer {layer + 1}/{len(self.vision_layers)}"
+
+    def _pixel_values(self, image: Image.Image) -> torch.Tensor:
+        return self.processor.image_processor(images=[image], return_tensors="pt").pixel_values.to(self.device)
+
+    @torch.no_grad()
+    def _text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """(texts, dim) unit-length text embeddings."""
+        tokens = self.processor.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        features = self.model.get_text_features(
+            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+        ).pooler_output
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    def _image_embedding(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(1, dim) unit-length image embedding."""
+        features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    @torch.no_grad()
+    def similarity(self, image: Image.Image, texts: Sequence[str]) -> Similarity:
+        """Cosine x 100 of the image with each text, and the softmax over the texts."""
+        if not texts:
+            raise ValueError("similarity needs at least one text")
+        cosine = (self._image_embedding(self._pixel_values(image)) @ self._text_embeddings(texts).T)[0]
+        probabilities = (self.model.logit_scale.exp() * cosine).softmax(dim=-1)
+        return Similarity(tuple(texts), (100 * cosine).cpu().numpy(), probabilities.cpu().numpy())
+
+    def explain(
+        self, image: Image.Image, text: str, layer: int | None = None, method: str = DEFAULT_CLIP_METHOD
+    ) -> ClipMap:
+        """Map of where the image supports ``text``: the gradient of the cosine similarity
+        with respect to one vision layer's patch tokens.
+
+        Args:
+            image: RGB image.
+            text: any sentence or word.
+            layer: 0-based vision layer, one of ``cam_layers``; None for ``default_layer``.
+            method: one of CLIP_METHODS.
+        """
+        layer = self.default_layer if layer is None else layer
+        if layer not in self.cam_layers:
+            raise ValueError(
+                f"CLIP has no map at layer {layer + 1}: its image embedding reads only the last layer's "
+                f"CLS token, so patch tokens there get zero gradient. Choose a layer from 1 to {len(self.cam_layers)}."
+            )
+        if method not in VISION_LAYER_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {CLIP_METHODS}")
+        text_embedding = self._text_embeddings([text])  # (1, dim)
+        pixel_values = self._pixel_values(image).requires_grad_(True)
+        with torch.enable_grad(), capture_outputs([self.vision_layers[layer]]) as captured:
+            cosine = (self._image_embedding(pixel_values) * text_embedding).sum()
+            (gradient,) = torch.autograd.grad(cosine, captured)
+        cosine = cosine.detach()
+        activation = captured[0]
+        cam_tokens = VISION_LAYER_METHODS[method](activation[0, 1:], gradient[0, 1:])  # drop CLS
+        cam_grid = cam_tokens.reshape(self.geometry.grid_shape).detach().float().cpu().numpy()
+        return ClipMap(text, method, layer, self.layer_name(layer), cam_grid, 100 * cosine.item())

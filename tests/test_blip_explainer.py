@@ -1,0 +1,194 @@
+"""BLIP explainer on a tiny random BLIP: alignment, one-pass equivalences, hooks, threads."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from models.cam_methods import hires_cam
+from tests.conftest import random_image
+from tests.tiny_models import BOS_ID, SEP_ID, VOCABULARY
+
+# "a red dog ##s and blue square" with BLIP's BOS first and [SEP] last, as generate() returns it.
+CAPTION_IDS = [BOS_ID] + [VOCABULARY[piece] for piece in ["a", "red", "dog", "##s", "and", "blue", "square"]] + [SEP_ID]
+
+
+@pytest.fixture(scope="module")
+def caption(tiny_blip):
+    return tiny_blip.caption_from_ids(CAPTION_IDS)
+
+
+def count_forward_hooks(model: torch.nn.Module) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def test_words_merge_word_pieces_and_drop_special_tokens(caption):
+    assert [word.text for word in caption.words] == ["a", "red", "dogs", "and", "blue", "square"]
+    dogs = caption.words[2]
+    assert caption.pieces[dogs.start : dogs.end] == ("dog", "##s")
+    assert caption.text == "a red dogs and blue square"
+
+
+def test_logits_before_a_token_score_it(tiny_blip, caption):
+    """Golden value: log p(ids[t]) comes from logits[t - 1], computed here by hand in numpy."""
+    image = random_image(0)
+    with torch.no_grad():
+        logits = tiny_blip.model(
+            pixel_values=tiny_blip.pixel_values([image]), input_ids=torch.tensor([CAPTION_IDS])
+        ).logits[0].double().numpy()
+
+    def log_p_by_hand(row: int, token_id: int) -> float:
+        shifted = logits[row] - logits[row].max()
+        return float(shifted[token_id] - np.log(np.exp(shifted).sum()))
+
+    red_position = caption.words[1].start
+    expected = log_p_by_hand(red_position - 1, CAPTION_IDS[red_position])
+    misaligned = log_p_by_hand(red_position, CAPTION_IDS[red_position])
+    assert abs(expected - misaligned) > 1e-3, "the test must tell the two alignments apart"
+
+    teacher_forced = tiny_blip.token_log_probs([image], CAPTION_IDS)[0]
+    assert np.isnan(teacher_forced[0])
+    assert teacher_forced[red_position] == pytest.approx(expected, abs=1e-5)
+    (maps,) = tiny_blip.explain(image, caption, word_indices=[1])
+    assert maps.score == pytest.approx(expected, abs=1e-5)
+
+
+def test_multi_piece_word_scores_the_sum_of_its_pieces(tiny_blip, caption):
+    image = random_image(1)
+    per_token = tiny_blip.token_log_probs([image], CAPTION_IDS)[0]
+    dogs = caption.words[2]
+    (maps,) = tiny_blip.explain(image, caption, word_indices=[2])
+    assert maps.score == pytest.approx(per_token[dogs.start : dogs.end].sum(), abs=1e-5)
+    (first_piece,) = tiny_blip.explain(image, caption, word_indices=[2], piece=0)
+    assert first_piece.score == pytest.approx(per_token[dogs.start], abs=1e-5)
+
+
+def test_contrastive_target_is_the_log_p_difference(tiny_blip, caption):
+    image = random_image(2)
+    position = caption.words[1].start  # "red"
+    with torch.no_grad():
+        logits = tiny_blip.model(
+            pixel_values=tiny_blip.pixel_values([image]), input_ids=torch.tensor([CAPTION_IDS])
+        ).logits[0]
+    log_probs = logits[position - 1].log_softmax(-1)
+    expected = (log_probs[VOCABULARY["red"]] - log_probs[VOCABULARY["blue"]]).item()
+    (maps,) = tiny_blip.explain(image, caption, word_indices=[1], foil="blue")
+    assert maps.score == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="single word piece"):
+        tiny_blip.explain(image, caption, word_indices=[1], foil="zebra crossing")
+
+
+def test_all_layers_in_one_pass_equal_one_pass_per_layer(tiny_blip, caption):
+    image = random_image(3)
+    (maps,) = tiny_blip.explain(image, caption, word_indices=[2], method="hirescam")
+    dogs = caption.words[2]
+    rows, columns = tiny_blip.geometry.grid_shape
+    for layer_index, layer in enumerate(tiny_blip.vision_layers):
+        captured: dict[str, torch.Tensor] = {}
+        handle = layer.register_forward_hook(lambda module, inputs, output, sink=captured: sink.update(output=output))
+        try:
+            pixel_values = tiny_blip.pixel_values([image]).requires_grad_(True)
+            with torch.enable_grad():
+                logits = tiny_blip.model(pixel_values=pixel_values, input_ids=torch.tensor([CAPTION_IDS])).logits
+                log_probs = logits[0].log_softmax(-1)
+                score = sum(log_probs[p - 1, CAPTION_IDS[p]] for p in range(dogs.start, dogs.end))
+                (gradient,) = torch.autograd.grad(score, captured["output"])
+        finally:
+            handle.remove()
+        expected = hires_cam(captured["output"][0, 1:], gradient[0, 1:]).reshape(rows, columns)
+        np.testing.assert_allclose(maps.cam_grid[layer_index], expected.detach().numpy(), rtol=1e-4, atol=1e-9)
+    assert maps.cam_grid.shape == (len(tiny_blip.vision_layers), rows, columns)
+
+
+@pytest.mark.parametrize("method", ["hirescam", "gradcam", "cross_attention", "occlusion"])
+def test_all_words_at_once_equal_each_word_alone(tiny_blip, caption, method):
+    image = random_image(4)
+    together = tiny_blip.explain(image, caption, method=method)
+    assert [maps.word for maps in together] == [word.text for word in caption.words]
+    for index, maps in enumerate(together):
+        (alone,) = tiny_blip.explain(image, caption, word_indices=[index], method=method)
+        assert maps.score == pytest.approx(alone.score, abs=1e-5)
+        np.testing.assert_allclose(maps.cam_grid, alone.cam_grid, rtol=1e-4, atol=1e-9)
+        assert maps.cam_grid.shape[0] == len(tiny_blip.layer_names(method))
+        assert np.isfinite(maps.cam_grid).all() and (maps.cam_grid >= 0).all()
+
+
+def test_occlusion_is_the_drop_in_log_p_when_a_patch_is_zeroed(tiny_blip, caption):
+    image = random_image(5)
+    (maps,) = tiny_blip.explain(image, caption, word_indices=[4], method="occlusion")
+    position = caption.words[4].start
+    pixel_values = tiny_blip.pixel_values([image])
+    patch = tiny_blip.geometry.patch_size
+
+    def log_p(pixels: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = tiny_blip.model(pixel_values=pixels, input_ids=torch.tensor([CAPTION_IDS])).logits
+        return logits[0, position - 1].log_softmax(-1)[CAPTION_IDS[position]].item()
+
+    occluded = pixel_values.clone()
+    occluded[:, :, patch : 2 * patch, 2 * patch : 3 * patch] = 0  # patch row 1, column 2
+    expected = max(log_p(pixel_values) - log_p(occluded), 0.0)
+    assert maps.cam_grid[0, 1, 2] == pytest.approx(expected, abs=1e-5)
+
+
+def test_no_hook_is_left_even_after_an_error(tiny_blip, caption, monkeypatch):
+    image = random_image(6)
+    tiny_blip.explain(image, caption, word_indices=[0])  # transformers installs its own hooks once
+    hooks_before = count_forward_hooks(tiny_blip.model)
+
+    def broken_decoder(*args, **kwargs):
+        raise RuntimeError("decoder failed")
+
+    # The vision layers run (their hooks fire), then the decoder raises inside the hooked block.
+    monkeypatch.setattr(tiny_blip.model.text_decoder, "forward", broken_decoder)
+    for method in ("hirescam", "cross_attention"):
+        with pytest.raises(RuntimeError, match="decoder failed"):
+            tiny_blip.explain(image, caption, method=method)
+    assert count_forward_hooks(tiny_blip.model) == hooks_before
+
+
+def test_explaining_leaves_no_gradient_on_shared_parameters(tiny_blip, caption):
+    tiny_blip.explain(random_image(7), caption)
+    assert all(parameter.grad is None for parameter in tiny_blip.model.parameters())
+    assert not any(parameter.requires_grad for parameter in tiny_blip.model.parameters())
+
+
+def test_threads_sharing_one_explainer_get_what_they_get_alone(tiny_blip, caption):
+    jobs = [(random_image(10 + index), index % len(caption.words), method)
+            for index, method in enumerate(["hirescam", "cross_attention", "gradcam", "hirescam"])]
+    alone = [tiny_blip.explain(image, caption, [word], method)[0] for image, word, method in jobs]
+    barrier = threading.Barrier(len(jobs))
+
+    def work(index: int) -> list:
+        image, word, method = jobs[index]
+        barrier.wait()  # start together so the forward passes really overlap
+        return [tiny_blip.explain(image, caption, [word], method)[0] for _ in range(5)]
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(work, range(len(jobs))))  # re-raises any thread's exception
+    for index, expected in enumerate(alone):
+        assert len(results[index]) == 5
+        for got in results[index]:
+            assert got.score == pytest.approx(expected.score, abs=1e-6)
+            np.testing.assert_allclose(got.cam_grid, expected.cam_grid, rtol=1e-5, atol=1e-10)
+
+
+def test_caption_respects_max_new_tokens_and_prompt(tiny_blip):
+    image = random_image(8)
+    caption = tiny_blip.caption(image, max_new_tokens=4)
+    assert caption.token_ids[0] == BOS_ID
+    assert len(caption.token_ids) <= 1 + 4
+    prompted = tiny_blip.caption(image, prompt="a picture of", max_new_tokens=3)
+    assert prompted.token_ids[:4] == (BOS_ID, VOCABULARY["a"], VOCABULARY["picture"], VOCABULARY["of"])
+    assert prompted.prompt_length == 4
+    assert all(word.start >= 4 for word in prompted.words)
+    assert prompted.text.startswith("a picture of")
+
+
+def test_unknown_method_is_refused(tiny_blip, caption):
+    with pytest.raises(ValueError, match="unknown method"):
+        tiny_blip.explain(random_image(9), caption, method="magic")
