@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,37 @@ CLIP_BASE = "openai/clip-vit-base-patch32"
 HUB_PROBE_TIMEOUT_S = 3.0
 # Only what from_pretrained needs for a safetensors checkpoint and its processor.
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A captioner and the CLIP that checks it, as offered in the app's model menu."""
+
+    label: str
+    blip_source: str
+    clip_source: str
+
+
+SHAPES_DEMO_CHOICE = ModelChoice("Shapes demo (bundled, offline)", SHAPES_DEMO, SHAPES_DEMO)
+
+
+def model_choices(local_blip_dir: str | None = None, local_clip_dir: str | None = None) -> list[ModelChoice]:
+    """The model menu, most capable first. A local folder comes from server-side configuration
+    only (an environment variable or a command-line flag), never from the browser."""
+    choices = [
+        ModelChoice("BLIP base + CLIP B/32", BLIP_BASE, CLIP_BASE),
+        ModelChoice("BLIP large + CLIP B/32", BLIP_LARGE, CLIP_BASE),
+        SHAPES_DEMO_CHOICE,
+    ]
+    if local_blip_dir:
+        label = f"Local folder: {Path(local_blip_dir).name}"
+        choices.append(ModelChoice(label, local_blip_dir, local_clip_dir or CLIP_BASE))
+    return choices
+
+
+def local_model_dirs(environ: Mapping[str, str] = os.environ) -> tuple[str | None, str | None]:
+    """Folders named by VLM_EXPLAINER_BLIP_DIR and VLM_EXPLAINER_CLIP_DIR, if set."""
+    return environ.get("VLM_EXPLAINER_BLIP_DIR") or None, environ.get("VLM_EXPLAINER_CLIP_DIR") or None
 
 
 class ModelUnavailableError(RuntimeError):

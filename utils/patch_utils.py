@@ -252,6 +252,13 @@ def cam_grid_to_image(
     return cam_image
 
 
+def cam_grids_to_image(
+    cam_grids: np.ndarray, geometry: PatchGeometry, image_size: tuple[int, int]
+) -> np.ndarray:
+    """``cam_grid_to_image`` for a stack of maps: (maps, rows, columns) -> (maps, height, width)."""
+    return np.stack([cam_grid_to_image(cam_grid, geometry, image_size) for cam_grid in cam_grids])
+
+
 def mask_boxes(
     image: Image.Image,
     boxes_image: Iterable[Box],
