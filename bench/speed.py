@@ -1,0 +1,153 @@
+"""Speed and memory of token Grad-CAM on the full BLIP-base architecture (random weights).
+
+Random weights cost exactly what the real checkpoint costs (same config, same shapes), and
+need no download. Every number is the median of ``--repeats`` runs, measured side by side in
+this one process so that ratios are fair on a busy machine.
+
+    python bench/speed.py --json bench/results/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.blip_explainer import BlipExplainer  # noqa: E402
+from models.hooks import capture_outputs  # noqa: E402
+from utils.patch_utils import cam_grid_to_image  # noqa: E402
+from utils.video_utils import encode_mp4, layer_frames  # noqa: E402
+
+
+def build_blip_base_architecture() -> BlipExplainer:
+    """BLIP base as configured by ``BlipConfig()`` defaults, random weights, synthetic vocabulary."""
+    config = BlipConfig()
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval().requires_grad_(False)
+    text_config = config.text_config
+    vocabulary = {f"word{index}": index for index in range(text_config.vocab_size)}
+    for name, index in [("[PAD]", text_config.pad_token_id), ("[SEP]", text_config.sep_token_id),
+                        ("[DEC]", text_config.bos_token_id), ("[UNK]", 100), ("[CLS]", 101)]:
+        vocabulary.pop(next(word for word, value in vocabulary.items() if value == index))
+        vocabulary[name] = index
+    size = config.vision_config.image_size
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=BertTokenizer(vocab=vocabulary),
+    )
+    return BlipExplainer(model, processor, torch.device("cpu"))
+
+
+def median_seconds(function, repeats: int) -> float:
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def forward_and_gradient(explainer: BlipExplainer, image: Image.Image, token_ids: list[int], position: int) -> None:
+    """The floor: one forward pass and one gradient of one token back to the first vision layer."""
+    pixel_values = explainer.pixel_values([image]).requires_grad_(True)
+    with torch.enable_grad(), capture_outputs(explainer.vision_layers[:1]) as captured:
+        logits = explainer.model(pixel_values=pixel_values, input_ids=torch.tensor([token_ids])).logits
+        score = logits[0, position - 1].log_softmax(-1)[token_ids[position]]
+        torch.autograd.grad(score, captured)
+
+
+def naive_all_layers(explainer: BlipExplainer, image: Image.Image, token_ids: list[int], position: int) -> None:
+    """The reference design's way: a separate forward and backward pass for every layer."""
+    for layer in explainer.vision_layers:
+        pixel_values = explainer.pixel_values([image]).requires_grad_(True)
+        with torch.enable_grad(), capture_outputs([layer]) as captured:
+            logits = explainer.model(pixel_values=pixel_values, input_ids=torch.tensor([token_ids])).logits
+            score = logits[0, position - 1].log_softmax(-1)[token_ids[position]]
+            torch.autograd.grad(score, captured)
+
+
+def encode_layer_video(explainer: BlipExplainer, image: Image.Image, cam_grid: np.ndarray) -> bytes:
+    """The app's video: every layer's overlay held, cross-faded, encoded as H.264."""
+    heat_maps = np.stack([cam_grid_to_image(grid, explainer.geometry, image.size) for grid in cam_grid])
+    labels = explainer.layer_names("gradcam")
+    frames = layer_frames(image, heat_maps, labels, "word", alpha=0.5, colormap="jet", hold_frames=12, fade_frames=6)
+    return encode_mp4(frames, fps=12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--words", type=int, default=8, help="caption length in words")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+
+    explainer = build_blip_base_architecture()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    bos, sep = explainer.model.config.text_config.bos_token_id, explainer.model.config.text_config.sep_token_id
+    token_ids = [bos, *range(1000, 1000 + arguments.words), sep]
+    caption = explainer.caption_from_ids(token_ids)
+    word = len(caption.words) // 2
+    position = caption.words[word].start
+    repeats = arguments.repeats
+
+    explainer.explain(image, caption, [word], method="gradcam")  # warm-up: allocator, hooks
+    results = {
+        "fwd_bwd_s": median_seconds(lambda: forward_and_gradient(explainer, image, token_ids, position), repeats),
+        "all_layers_one_word_s": median_seconds(
+            lambda: explainer.explain(image, caption, [word], method="gradcam"), repeats
+        ),
+        "naive_all_layers_one_word_s": median_seconds(
+            lambda: naive_all_layers(explainer, image, token_ids, position), max(1, repeats // 2)
+        ),
+        "all_words_all_layers_s": median_seconds(lambda: explainer.explain(image, caption, method="gradcam"), repeats),
+        "n_words": len(caption.words),
+        "caption_s": median_seconds(lambda: explainer.caption(image, max_new_tokens=20), repeats),
+    }
+    (maps,) = explainer.explain(image, caption, [word], method="gradcam")
+    results["video_encode_s"] = median_seconds(lambda: encode_layer_video(explainer, image, maps.cam_grid), repeats)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["ratios"] = {
+        "all_layers_one_word / fwd_bwd": results["all_layers_one_word_s"] / results["fwd_bwd_s"],
+        "naive_all_layers_one_word / fwd_bwd": results["naive_all_layers_one_word_s"] / results["fwd_bwd_s"],
+        "all_words_all_layers / (n_words x fwd_bwd)": results["all_words_all_layers_s"]
+        / (results["n_words"] * results["fwd_bwd_s"]),
+    }
+    results["setup"] = {
+        "model": "BlipConfig() defaults, random weights",
+        "parameters_m": sum(parameter.numel() for parameter in explainer.model.parameters()) / 1e6,
+        "image_size": explainer.geometry.model_size,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor()}",
+    }
+
+    width = max(len(key) for key in results)
+    for key, value in results.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                print(f"{key + ': ' + sub_key:<{width + 40}} {sub_value}")
+        else:
+            print(f"{key:<{width + 40}} {value:.3f}" if isinstance(value, float) else f"{key:<{width + 40}} {value}")
+    if arguments.json:
+        arguments.json.parent.mkdir(parents=True, exist_ok=True)
+        arguments.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
