@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` (the app, offline default) and `make test`.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PORT ?= 8501
+
+.PHONY: setup run test lint bench chromium
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
+
+# The browser test drives Debian's Chromium (a test tool's own browser download cannot work here).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: setup chromium
+	$(PYTHON) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PYTHON) bench/speed.py --json bench/results/speed.json

@@ -1,0 +1,588 @@
+"""VLM Explainer: see why a vision-language model wrote each word of its caption.
+
+This script is layout and session state only. Every computation lives in models/ (anything
+that runs a model) or utils/ (pure helpers); results come back as plain dataclasses.
+Model work is cached on a hash of the image bytes, so a rerun that changes nothing runs no
+model, and one cached model serves every browser session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image
+from streamlit_image_coordinates import streamlit_image_coordinates
+
+from models.analysis import Decoding, MaskedCaption, caption_image, mask_and_recaption, word_probabilities
+from models.blip_explainer import DEFAULT_METHOD, METHOD_LABELS, METHODS, BlipExplainer, Caption, WordMaps
+from models.clip_explainer import ClipExplainer, ClipMap, Similarity
+from models.loading import (
+    SHAPES_DEMO_CHOICE,
+    ModelChoice,
+    ModelUnavailableError,
+    local_model_dirs,
+    model_choices,
+)
+from utils.caption_diff import diff_html
+from utils.image_utils import (
+    ImageLoadError,
+    colormap_names,
+    draw_box,
+    draw_grid,
+    draw_marker,
+    finite_range,
+    fit_for_display,
+    load_image,
+    overlay_heatmap,
+)
+from utils.patch_utils import FILL_MODES, Box, box_from_corners, cam_grid_to_image, cam_grids_to_image, top_patches
+from utils.report import ReportContent, report_html, report_zip
+from utils.video_utils import encode_mp4, layer_frames
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "media" / "examples"
+DISPLAY_WIDTH = 420  # pixels of each image column on the page
+DISPLAY_MAX_SIDE = 1024  # overlays are drawn on a copy no larger than this
+VIDEO_FPS = 12
+REGION_COLOUR = (255, 64, 160)
+
+
+# ---------------------------------------------------------------- cached model work
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def load_blip(source: str, device: str, _on_progress=None) -> BlipExplainer:
+    return BlipExplainer.from_pretrained(source, device, _on_progress)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def load_clip(source: str, device: str, _on_progress=None) -> ClipExplainer:
+    return ClipExplainer.from_pretrained(source, device, _on_progress)
+
+
+# Every cached function is keyed on explicit strings (model, sha256 of the image bytes,
+# caption ids); the underscored arguments are the objects themselves and are not hashed.
+@st.cache_data(max_entries=64, show_spinner="Captioning…")
+def cached_caption(model_key: str, image_key: str, decoding: tuple, _blip: BlipExplainer, _image: Image.Image):
+    return caption_image(_blip, _image, Decoding(*decoding))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def cached_word_probabilities(model_key: str, image_key: str, caption_key: str, _blip, _image, _caption: Caption):
+    return word_probabilities(_blip, _image, _caption)
+
+
+@st.cache_data(max_entries=64, show_spinner="Explaining every word at every layer…")
+def cached_word_maps(
+    model_key: str, image_key: str, caption_key: str, method: str, _blip, _image, _caption
+) -> list[WordMaps]:
+    return _blip.explain(_image, _caption, method=method)
+
+
+@st.cache_data(max_entries=32, show_spinner="Masking and captioning again…")
+def cached_masked_caption(
+    model_key: str, image_key: str, caption_key: str, region_key: str, fill: str, decoding: tuple,
+    _blip, _image, _caption, _boxes: tuple[Box, ...],
+) -> MaskedCaption:
+    return mask_and_recaption(_blip, _image, _caption, _boxes, fill, Decoding(*decoding))
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def cached_similarity(clip_key: str, image_key: str, texts: tuple[str, ...], _clip, _image) -> Similarity:
+    return _clip.similarity(_image, list(texts))
+
+
+@st.cache_data(max_entries=64, show_spinner="CLIP Grad-CAM…")
+def cached_clip_map(clip_key: str, image_key: str, text: str, layer: int, _clip, _image) -> ClipMap:
+    return _clip.explain(_image, text, layer)
+
+
+@dataclass(frozen=True)
+class Page:
+    """What every section of one script run works on, with the cache keys that name it."""
+
+    blip: BlipExplainer
+    clip: ClipExplainer | None
+    model_key: str
+    clip_key: str
+    image: Image.Image
+    image_key: str  # sha256 of the image bytes: Streamlit's own hashing samples large data
+    display_image: Image.Image  # the image scaled down for the page; overlays are drawn on it
+    caption: Caption
+    caption_key: str
+    decoding: Decoding
+
+    def word_maps(self, method: str) -> list[WordMaps]:
+        """Every caption word's maps for a method (computed once per image, caption and method)."""
+        return cached_word_maps(
+            self.model_key, self.image_key, self.caption_key, method, self.blip, self.image, self.caption
+        )
+
+    def heat_images(self, maps: WordMaps):
+        """(layers, H, W) heatmaps on the displayed image, and their common value range."""
+        heat = cam_grids_to_image(maps.cam_grid, self.blip.geometry, self.display_image.size)
+        return heat, finite_range(heat)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- session state
+
+
+def init_state() -> None:
+    """Session keys, initialised once per browser session."""
+    defaults = {
+        "image_bytes": None,  # the accepted upload or example, as given
+        "image_name": "",
+        "last_upload_id": None,
+        "last_example": None,
+        "clicks": [],  # region corners in original image pixels
+        "last_click_time": None,  # the click component repeats its last value on every rerun
+        "region": None,  # (description, tuple of Box) or None
+        "masked_request": None,  # region key + fill the user asked to regenerate
+        "video": None,  # (key, mp4 bytes)
+        "model_notice": "",
+    }
+    for key, value in defaults.items():
+        st.session_state.setdefault(key, value)
+    # A model fallback picked on the last run must be applied before the widget is drawn.
+    if "pending_model_label" in st.session_state:
+        st.session_state["model_label"] = st.session_state.pop("pending_model_label")
+
+
+def clear_region() -> None:
+    st.session_state.clicks = []
+    st.session_state.region = None
+    st.session_state.masked_request = None
+
+
+# ---------------------------------------------------------------- sidebar
+
+
+def server_model_dirs() -> tuple[str | None, str | None]:
+    """Local model folders from `streamlit run app.py -- --blip-dir D --clip-dir D` or the environment."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--blip-dir")
+    parser.add_argument("--clip-dir")
+    flags, _ = parser.parse_known_args(sys.argv[1:])
+    environment_blip, environment_clip = local_model_dirs()
+    return flags.blip_dir or environment_blip, flags.clip_dir or environment_clip
+
+
+def sidebar_ui() -> tuple[ModelChoice, str, Decoding]:
+    """Model, device and decoding options."""
+    choices = model_choices(*server_model_dirs())
+    labels = [choice.label for choice in choices]
+    with st.sidebar:
+        st.header("Model")
+        label = st.selectbox("Captioner and checker", labels, key="model_label")
+        if st.session_state.model_notice and label == SHAPES_DEMO_CHOICE.label:
+            st.info(st.session_state.model_notice)
+        if label == SHAPES_DEMO_CHOICE.label:
+            st.caption(
+                "Demo model: a small BLIP and CLIP trained on synthetic scenes of coloured shapes, "
+                "where the truth is known. It is not a general captioner."
+            )
+        device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device")
+        st.header("Decoding")
+        num_beams = st.slider("Beams (1 = greedy)", 1, 5, 1, key="num_beams")
+        max_new_tokens = st.slider("Max new tokens", 5, 60, 30, key="max_new_tokens")
+        prompt = st.text_input("Prompt (conditional captioning)", "", key="prompt", max_chars=200)
+    return choices[labels.index(label)], device, Decoding(prompt, max_new_tokens, num_beams)
+
+
+def load_models_ui(choice: ModelChoice, device: str) -> tuple[BlipExplainer, ClipExplainer | None, str, str]:
+    """Load the chosen models; fall back to the bundled demo with a notice when they are unavailable."""
+    progress = st.empty()
+
+    def show_progress(done: int, total: int) -> None:
+        progress.progress(done / max(total, 1), text=f"Downloading model files: {done}/{total}")
+
+    try:
+        with st.spinner(f"Loading {choice.label}…"):
+            blip = load_blip(choice.blip_source, device, show_progress)
+    except ModelUnavailableError as error:
+        if choice == SHAPES_DEMO_CHOICE:
+            st.error(f"The bundled demo model could not be loaded: {error}")
+            st.stop()
+        st.session_state.model_notice = f"{choice.label} is unavailable: {error} Showing the bundled demo instead."
+        st.session_state.pending_model_label = SHAPES_DEMO_CHOICE.label
+        st.rerun()
+    progress.empty()
+    clip = None
+    try:
+        clip = load_clip(choice.clip_source, device, show_progress)
+    except ModelUnavailableError as error:
+        st.sidebar.warning(f"CLIP is unavailable, so its checks are hidden: {error}")
+    progress.empty()
+    return blip, clip, f"{choice.blip_source}|{device}", f"{choice.clip_source}|{device}"
+
+
+# ---------------------------------------------------------------- input
+
+
+def example_names() -> list[str]:
+    return sorted(path.name for path in EXAMPLES_DIR.glob("*.png"))
+
+
+def accept_image(data: bytes, name: str) -> None:
+    """Make ``data`` the session's image if it loads; otherwise say why and keep the old one."""
+    try:
+        load_image(data)
+    except ImageLoadError as error:
+        st.error(f"{name}: {error} The previous image is kept.")
+        return
+    if data != st.session_state.image_bytes:
+        st.session_state.image_bytes = data
+        st.session_state.image_name = name
+        clear_region()
+        st.session_state.video = None
+
+
+def image_input_ui() -> None:
+    """Upload or example picker; a new choice replaces the image only when it loads."""
+    upload_column, example_column = st.columns([3, 2])
+    with upload_column:
+        # Extensions only filter the file dialog; load_image accepts files by their content.
+        upload = st.file_uploader("Upload an image (JPG, PNG or WebP)", type=["jpg", "jpeg", "png", "webp"])
+    with example_column:
+        example = st.selectbox("…or pick an example scene", ["(none)", *example_names()], key="example")
+    if upload is not None and upload.file_id != st.session_state.last_upload_id:
+        st.session_state.last_upload_id = upload.file_id
+        accept_image(upload.getvalue(), upload.name)
+    if example != "(none)" and example != st.session_state.last_example:
+        st.session_state.last_example = example
+        accept_image((EXAMPLES_DIR / example).read_bytes(), example)
+
+
+# ---------------------------------------------------------------- caption and heatmap
+
+
+def caption_ui(page: Page) -> int:
+    """The caption and one pill per word with its probability; returns the chosen word index."""
+    caption = page.caption
+    st.subheader(f"“{caption.text}”")
+    if not caption.words:
+        st.warning("The caption has no words to explain.")
+        st.stop()
+    probabilities = cached_word_probabilities(
+        page.model_key, page.image_key, page.caption_key, page.blip, page.image, caption
+    )
+    chosen = st.pills(
+        "Explain which word?",
+        list(range(len(caption.words))),
+        format_func=lambda index: f"{caption.words[index].text} · {probabilities[index]:.0%}",
+        default=0,
+        key=f"word_{page.caption_key}",
+    )
+    return 0 if chosen is None else chosen
+
+
+def heatmap_controls_ui(blip: BlipExplainer) -> tuple[str, int, float, str, bool, bool]:
+    """Method, layer, opacity, colour map, patch grid and colour-scale controls."""
+    controls = st.columns(5)
+    method = controls[0].selectbox(
+        "Method", METHODS, index=METHODS.index(DEFAULT_METHOD), format_func=METHOD_LABELS.get, key="method"
+    )
+    layer_names = blip.layer_names(method)
+    layer = controls[1].select_slider(
+        "Layer (shallow → deep)",
+        options=list(range(len(layer_names))),
+        value=len(layer_names) - 1,
+        format_func=lambda index: layer_names[index],
+        key=f"layer_{method}",
+    )
+    opacity = controls[2].slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
+    colormap = controls[3].selectbox("Colour map", colormap_names(), key="colormap")
+    show_grid = controls[4].toggle("Patch grid", key="show_grid")
+    shared_scale = controls[4].toggle("One scale for all layers", value=True, key="shared_scale")
+    return method, layer, opacity, colormap, show_grid, shared_scale
+
+
+def with_grid(page: Page, shown: Image.Image) -> Image.Image:
+    """``shown`` (the displayed image or an overlay) with lines at the model's patch boundaries."""
+    return draw_grid(shown, *page.blip.geometry.patch_lines_image(shown.size))
+
+
+def region_image(page: Page, show_grid: bool) -> Image.Image:
+    """The displayed image with the patch grid, the pending click and the region drawn on it."""
+    scale = page.display_image.width / page.image.width
+    shown = with_grid(page, page.display_image) if show_grid else page.display_image
+    if len(st.session_state.clicks) == 1:
+        x, y = st.session_state.clicks[0]
+        shown = draw_marker(shown, (round(x * scale), round(y * scale)), REGION_COLOUR)
+    if st.session_state.region:
+        for box in st.session_state.region[1]:
+            scaled = (round(box.x0 * scale), round(box.y0 * scale), round(box.x1 * scale), round(box.y1 * scale))
+            shown = draw_box(shown, scaled, REGION_COLOUR, 2)
+    return shown
+
+
+def handle_click(value: dict | None, image: Image.Image) -> None:
+    """Turn a new click (in displayed pixels) into a corner in original pixels; two make a box."""
+    if value is None or value["unix_time"] == st.session_state.last_click_time:
+        return  # the component returns its last click again on every rerun
+    st.session_state.last_click_time = value["unix_time"]
+    point = (value["x"] * image.width / value["width"], value["y"] * image.height / value["height"])
+    clicks = [] if len(st.session_state.clicks) >= 2 else list(st.session_state.clicks)
+    clicks.append(point)
+    st.session_state.clicks = clicks
+    st.session_state.region = None
+    if len(clicks) == 2:
+        box = box_from_corners(clicks[0], clicks[1], image.size)
+        st.session_state.region = (f"rectangle ({box.x0}, {box.y0}) → ({box.x1}, {box.y1})", (box,))
+    st.rerun()
+
+
+@st.fragment
+def heatmap_ui(page: Page, word: int) -> None:
+    """Original image (click twice for a region) beside the chosen word's heatmap.
+
+    A fragment: moving a slider here reruns this section only, not the whole page.
+    """
+    method, layer, opacity, colormap, show_grid, shared_scale = heatmap_controls_ui(page.blip)
+    maps = page.word_maps(method)[word]
+    heat, value_range = page.heat_images(maps)
+    overlay = overlay_heatmap(
+        page.display_image,
+        heat[layer],
+        alpha=opacity,
+        colormap=colormap,
+        value_range=value_range if shared_scale else None,
+    )
+    left, right = st.columns(2)
+    with left:
+        st.caption("Click two corners to select a region.")
+        value = streamlit_image_coordinates(region_image(page, show_grid), width=DISPLAY_WIDTH, key="region_clicks")
+        handle_click(value, page.image)
+    with right:
+        st.caption(f"“{maps.word}” · {maps.layer_names[layer]} · score {maps.score:.2f}")
+        st.image(with_grid(page, overlay) if show_grid else overlay, width=DISPLAY_WIDTH)
+    region_controls_ui(page, maps.cam_grid[layer], maps.word)
+
+
+def region_controls_ui(page: Page, cam_grid, word: str) -> None:
+    """Reset the region, or select the heatmap's top patches as the region."""
+    reset_column, fraction_column, auto_column = st.columns([1, 2, 1])
+    if reset_column.button("Reset region", key="reset_region"):
+        clear_region()
+        st.rerun()
+    fraction = fraction_column.slider("Auto region: top % of patches", 1, 50, 10, key="auto_fraction")
+    if auto_column.button("Auto region", key="auto_region"):
+        patch_ids = top_patches(cam_grid, fraction / 100)
+        boxes = tuple(page.blip.geometry.patch_box_image(page.image.size, patch_id) for patch_id in patch_ids)
+        st.session_state.clicks = []
+        st.session_state.region = (f"top {fraction}% of patches for “{word}”", boxes)
+        st.rerun()
+
+
+# ---------------------------------------------------------------- mask and regenerate
+
+
+def mask_ui(page: Page) -> MaskedCaption | None:
+    """Fill the region, caption again, and show what changed."""
+    st.header("Causal test: mask the region and caption again")
+    if not st.session_state.region:
+        st.info("Select a region on the image (two clicks, or Auto region) to run the causal test.")
+        return None
+    description, boxes = st.session_state.region
+    st.write(f"Region: {description}")
+    fill = st.selectbox("Fill", FILL_MODES, key="fill")
+    request = (repr(boxes), fill)
+    if st.button("Mask and regenerate", type="primary", key="regenerate"):
+        st.session_state.masked_request = request
+    if st.session_state.masked_request != request:
+        return None
+    masked = cached_masked_caption(
+        page.model_key, page.image_key, page.caption_key, repr(boxes), fill, tuple(vars(page.decoding).values()),
+        page.blip, page.image, page.caption, boxes,
+    )
+    caption = page.caption
+    before, after = st.columns(2)
+    before.image(masked.masked_image, caption="Masked image", width=DISPLAY_WIDTH)
+    with after:
+        st.markdown(f"**Before:** {escape_markdown(caption.text)}")
+        st.markdown(f"**After:** {escape_markdown(masked.caption.text)}")
+        st.markdown(diff_html(masked.diff), unsafe_allow_html=True)  # diff_html escapes every word
+        if masked.removed:
+            st.success(f"Removed: {escape_markdown(', '.join(masked.removed))}")
+        else:
+            st.info("No word of the original caption disappeared.")
+    st.caption("Change in teacher-forced log p of each original word under the mask")
+    st.bar_chart({"word": numbered_words(caption), "Δ log p": masked.log_prob_change.tolist()}, x="word", y="Δ log p")
+    if page.clip is not None:
+        clip_pairs_ui(page, masked, f"{page.image_key}|masked|{repr(boxes)}|{fill}")
+    return masked
+
+
+def clip_pairs_ui(page: Page, masked: MaskedCaption, masked_key: str) -> None:
+    """CLIP similarity before and after masking, for the old and the new caption."""
+    pairs = [
+        ("original image · original caption", page.image_key, page.image, page.caption.text),
+        ("masked image · original caption", masked_key, masked.masked_image, page.caption.text),
+        ("masked image · new caption", masked_key, masked.masked_image, masked.caption.text),
+    ]
+    for column, (label, key, shown_image, text) in zip(st.columns(3), pairs, strict=True):
+        score = cached_similarity(page.clip_key, key, (text,), page.clip, shown_image).cosine_x100[0]
+        column.metric(f"CLIP: {label}", f"{score:.1f}")
+
+
+def numbered_words(caption: Caption) -> list[str]:
+    """Unique labels for the caption's words ("1. a", "2. dog"), since words repeat."""
+    return [f"{index + 1}. {word.text}" for index, word in enumerate(caption.words)]
+
+
+def escape_markdown(text: str) -> str:
+    """Show model or user text literally: no Markdown or HTML from it reaches the page."""
+    return "".join(f"\\{character}" if character in "\\`*_{}[]()#+-.!<>|~$" else character for character in text)
+
+
+# ---------------------------------------------------------------- CLIP
+
+
+def clip_ui(page: Page, word: int) -> Image.Image | None:
+    """CLIP similarity for an editable sentence, and CLIP's heatmap beside BLIP's."""
+    st.header("Check with CLIP")
+    clip = page.clip
+    if clip is None:
+        st.info("CLIP is not loaded.")
+        return None
+    caption_text = page.caption.text
+    text = st.text_input("Sentence to check", caption_text, max_chars=300, key=f"clip_text_{page.caption_key}")
+    similarity = cached_similarity(page.clip_key, page.image_key, (caption_text, text), clip, page.image)
+    caption_score, text_score = similarity.cosine_x100
+    caption_column, text_column = st.columns(2)
+    caption_column.metric("CLIP score of the caption", f"{caption_score:.1f}")
+    text_column.metric("CLIP score of your sentence", f"{text_score:.1f}", f"{text_score - caption_score:+.1f}")
+    target = st.radio("CLIP heatmap for", ["the sentence", "the chosen word"], horizontal=True, key="clip_target")
+    layer = st.select_slider(
+        "CLIP layer", options=list(clip.cam_layers), value=clip.default_layer, format_func=clip.layer_name,
+        key="clip_layer",
+    )
+    explained = text if target == "the sentence" else page.caption.words[word].text
+    clip_map = cached_clip_map(page.clip_key, page.image_key, explained, layer, clip, page.image)
+    clip_overlay = overlay_heatmap(
+        page.display_image, cam_grid_to_image(clip_map.cam_grid, clip.geometry, page.display_image.size)
+    )
+    blip_maps = page.word_maps(DEFAULT_METHOD)[word]
+    blip_overlay = overlay_heatmap(page.display_image, page.heat_images(blip_maps)[0][-1])
+    left, right = st.columns(2)
+    left.image(blip_overlay, caption=f"BLIP · “{blip_maps.word}” · {blip_maps.layer_names[-1]}", width=DISPLAY_WIDTH)
+    right.image(
+        clip_overlay,
+        caption=f"CLIP · “{explained}” · {clip_map.layer_name} (hatched: outside CLIP's centre crop)",
+        width=DISPLAY_WIDTH,
+    )
+    return clip_overlay
+
+
+# ---------------------------------------------------------------- video and report
+
+
+def video_ui(page: Page, word: int) -> bytes | None:
+    """Build, play and download the chosen word's heatmap evolving across layers."""
+    st.header("Layer evolution video")
+    method = st.session_state.get("method", DEFAULT_METHOD)
+    video_key = (page.model_key, page.image_key, page.caption_key, word, method)
+    if st.button("Build video", key="build_video"):
+        progress = st.progress(0.0, text="Computing maps for every layer…")
+        maps = page.word_maps(method)[word]
+        heat, _ = page.heat_images(maps)
+        progress.progress(0.3, text="Drawing frames…")
+        frames = layer_frames(
+            page.display_image, heat, maps.layer_names, maps.word, alpha=0.5,
+            colormap=st.session_state.get("colormap", "jet"), hold_frames=VIDEO_FPS, fade_frames=VIDEO_FPS // 3,
+        )
+        progress.progress(0.6, text="Encoding H.264…")
+        st.session_state.video = (video_key, encode_mp4(frames, VIDEO_FPS))
+        progress.progress(1.0, text="Done")
+    if not (st.session_state.video and st.session_state.video[0] == video_key):
+        return None
+    video = st.session_state.video[1]
+    st.video(video, format="video/mp4")
+    st.download_button(
+        "Download MP4", video, file_name="layer_evolution.mp4", mime="video/mp4", on_click="ignore", key="mp4"
+    )
+    return video
+
+
+def report_ui(page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video) -> None:
+    """One ZIP (images, captions, metrics, video) and the same as a self-contained HTML page."""
+    st.header("Report")
+    method = st.session_state.get("method", DEFAULT_METHOD)
+    maps = page.word_maps(method)[word]
+    heat, value_range = page.heat_images(maps)
+    heatmaps = tuple(
+        (f"BLIP {method} · {name} · word: {maps.word}",
+         overlay_heatmap(page.display_image, layer_heat, value_range=value_range))
+        for name, layer_heat in zip(maps.layer_names, heat, strict=True)
+    )
+    if clip_overlay is not None:
+        heatmaps += (("CLIP", clip_overlay),)
+    metrics = {"word": maps.word, "method": method, "score": maps.score}
+    if masked is not None:
+        metrics["removed_words"] = masked.removed
+        changes = masked.log_prob_change.tolist()
+        metrics["log_prob_change"] = dict(zip(numbered_words(page.caption), changes, strict=True))
+    content = ReportContent(
+        title=f"VLM Explainer report: {st.session_state.image_name}",
+        model_name=model_label,
+        original_image=page.image,
+        heatmaps=heatmaps,
+        mask_image=masked.mask_image if masked else None,
+        masked_image=masked.masked_image if masked else None,
+        captions={"original": page.caption.text, **({"masked": masked.caption.text} if masked else {})},
+        diff=masked.diff if masked else None,
+        metrics=metrics,
+        video_mp4=video,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    zip_column, html_column = st.columns(2)
+    zip_column.download_button(
+        "Download report (ZIP)", report_zip(content), file_name="vlm_explainer_report.zip",
+        mime="application/zip", on_click="ignore", key="report_zip",
+    )
+    html_column.download_button(
+        "Download report (HTML)", report_html(content), file_name="vlm_explainer_report.html",
+        mime="text/html", on_click="ignore", key="report_html",
+    )
+
+
+# ---------------------------------------------------------------- page
+
+
+def main() -> None:
+    st.set_page_config(page_title="VLM Explainer", layout="wide")
+    init_state()
+    st.title("VLM Explainer")
+    st.caption("Why did the model write that word? Heatmaps, a causal masking test and a CLIP cross-check.")
+    choice, device, decoding = sidebar_ui()
+    blip, clip, model_key, clip_key = load_models_ui(choice, device)
+    image_input_ui()
+    if st.session_state.image_bytes is None:
+        st.info("Upload an image or pick an example scene to begin.")
+        return
+    image = load_image(st.session_state.image_bytes)
+    image_key = sha256(st.session_state.image_bytes)
+    caption = cached_caption(model_key, image_key, tuple(vars(decoding).values()), blip, image)
+    page = Page(
+        blip, clip, model_key, clip_key, image, image_key, fit_for_display(image, DISPLAY_MAX_SIDE),
+        caption, "-".join(map(str, caption.token_ids)), decoding,
+    )
+    word = caption_ui(page)
+    heatmap_ui(page, word)
+    masked = mask_ui(page)
+    clip_overlay = clip_ui(page, word)
+    video = video_ui(page, word)
+    report_ui(page, choice.label, word, masked, clip_overlay, video)
+
+
+if __name__ == "__main__":  # Streamlit runs the script as __main__; tests import its constants
+    main()
