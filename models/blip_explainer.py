@@ -127,7 +127,10 @@ class BlipExplainer:
             patch_size=vision_config.patch_size,
             resize_mode="squash",
         )
-        self.vision_layers = list(model.vision_model.encoder.layers)
+        # The last layer's raw output feeds only the final LayerNorm, and a LayerNorm's input
+        # gradient is orthogonal to its input, so gradient x activation summed over channels is
+        # exactly zero there. Its normalised output is what the decoder reads: use that instead.
+        self.vision_layers = [*model.vision_model.encoder.layers[:-1], model.vision_model.post_layernorm]
         self.cross_attentions = [layer.crossattention.self for layer in model.text_decoder.bert.encoder.layer]
         tokenizer = processor.tokenizer
         self.special_ids = set(tokenizer.all_special_ids) | {model.config.text_config.bos_token_id}

@@ -24,7 +24,9 @@ def capture_outputs(modules: Sequence[nn.Module], output_index: int = 0) -> Iter
         output_index: which element to keep when a module returns a tuple (transformers
             layers return a tensor or a tuple, depending on the model and version).
     Yields:
-        A list with one slot per module, filled with the module's latest output tensor.
+        A list with one slot per module, filled with the module's first output tensor in
+        the block (BLIP's final LayerNorm runs twice, on all tokens and then on the pooled
+        token: the first call is the one the decoder reads).
     """
     owner_thread = threading.get_ident()
     captured: list[torch.Tensor | None] = [None] * len(modules)
@@ -32,7 +34,7 @@ def capture_outputs(modules: Sequence[nn.Module], output_index: int = 0) -> Iter
 
     def make_hook(slot: int):
         def hook(module: nn.Module, inputs: tuple, output) -> None:
-            if threading.get_ident() != owner_thread:
+            if threading.get_ident() != owner_thread or captured[slot] is not None:
                 return
             captured[slot] = output[output_index] if isinstance(output, tuple) else output
 

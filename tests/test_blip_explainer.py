@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models.cam_methods import hires_cam
+from models.hooks import capture_outputs
 from tests.conftest import random_image
 from tests.tiny_models import BOS_ID, SEP_ID, VOCABULARY
 
@@ -89,7 +90,10 @@ def test_all_layers_in_one_pass_equal_one_pass_per_layer(tiny_blip, caption):
     rows, columns = tiny_blip.geometry.grid_shape
     for layer_index, layer in enumerate(tiny_blip.vision_layers):
         captured: dict[str, torch.Tensor] = {}
-        handle = layer.register_forward_hook(lambda module, inputs, output, sink=captured: sink.update(output=output))
+        # First call only: BLIP's final LayerNorm runs again on the pooled token.
+        handle = layer.register_forward_hook(
+            lambda module, inputs, output, sink=captured: sink.setdefault("output", output)
+        )
         try:
             pixel_values = tiny_blip.pixel_values([image]).requires_grad_(True)
             with torch.enable_grad():
@@ -192,3 +196,18 @@ def test_caption_respects_max_new_tokens_and_prompt(tiny_blip):
 def test_unknown_method_is_refused(tiny_blip, caption):
     with pytest.raises(ValueError, match="unknown method"):
         tiny_blip.explain(random_image(9), caption, method="magic")
+
+
+def test_deepest_vision_map_is_not_blank(tiny_blip, caption):
+    """The last layer feeds only a LayerNorm, whose input gradient is orthogonal to its input:
+    gradient x activation on the raw output is zero, so the explainer reads the normalised one."""
+    image = random_image(11)
+    maps = tiny_blip.explain(image, caption, method="hirescam")
+    assert all(word_maps.cam_grid[-1].max() > 0 for word_maps in maps)
+    raw_last_layer = tiny_blip.model.vision_model.encoder.layers[-1]
+    with capture_outputs([raw_last_layer]) as captured, torch.enable_grad():
+        pixel_values = tiny_blip.pixel_values([image]).requires_grad_(True)
+        logits = tiny_blip.model(pixel_values=pixel_values, input_ids=torch.tensor([CAPTION_IDS])).logits
+        score = logits[0, 1].log_softmax(-1)[CAPTION_IDS[2]]
+        (gradient,) = torch.autograd.grad(score, captured)
+    assert hires_cam(captured[0][0, 1:], gradient[0, 1:]).abs().max() < 1e-6
