@@ -237,7 +237,7 @@ def accept_image(data: bytes, name: str) -> None:
     try:
         load_image(data)
     except ImageLoadError as error:
-        st.error(f"{name}: {error} The previous image is kept.")
+        st.error(f"{escape_markdown(name)}: {error} The previous image is kept.")
         return
     if data != st.session_state.image_bytes:
         st.session_state.image_bytes = data
@@ -268,19 +268,21 @@ def image_input_ui() -> None:
 def caption_ui(page: Page) -> int:
     """The caption and one pill per word with its probability; returns the chosen word index."""
     caption = page.caption
-    st.subheader(f"“{caption.text}”")
+    st.subheader(f"“{escape_markdown(caption.text)}”")
     if not caption.words:
         st.warning("The caption has no words to explain.")
         st.stop()
     probabilities = cached_word_probabilities(
         page.model_key, page.image_key, page.caption_key, page.blip, page.image, caption
     )
+    if st.session_state.get("word_caption") != page.caption_key:  # a new caption starts at its first word
+        st.session_state.word_caption = page.caption_key
+        st.session_state.word = 0
     chosen = st.pills(
         "Explain which word?",
         list(range(len(caption.words))),
         format_func=lambda index: f"{caption.words[index].text} · {probabilities[index]:.0%}",
-        default=0,
-        key=f"word_{page.caption_key}",
+        key="word",
     )
     return 0 if chosen is None else chosen
 
@@ -302,7 +304,7 @@ def heatmap_controls_ui(blip: BlipExplainer) -> tuple[str, int, float, str, bool
     opacity = controls[2].slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
     colormap = controls[3].selectbox("Colour map", colormap_names(), key="colormap")
     show_grid = controls[4].toggle("Patch grid", key="show_grid")
-    shared_scale = controls[4].toggle("One scale for all layers", value=True, key="shared_scale")
+    shared_scale = controls[4].toggle("One scale for all layers", value=False, key="shared_scale")
     return method, layer, opacity, colormap, show_grid, shared_scale
 
 

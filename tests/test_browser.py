@@ -1,0 +1,146 @@
+"""End to end in a real headless Chromium: upload, pick a word, click a box, regenerate.
+
+Uses Debian's `chromium` (a test tool's own browser download cannot work on these machines),
+driven by Playwright's Python package, against `streamlit run app.py` on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.app_helpers import APP_PATH, DISPLAY_WIDTH
+from utils.shapes_world import generate_scene
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(APP_PATH).parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+EXAMPLE_SEED = 99999
+SCENE = generate_scene(EXAMPLE_SEED)
+EXAMPLE_PATH = ROOT / "media" / "examples" / f"scene_{EXAMPLE_SEED}_{SCENE.caption.replace(' ', '-')}.png"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
+def chromium_path() -> str:
+    """Debian's Chromium; in CI its absence is a failure, elsewhere a skip."""
+    path = shutil.which("chromium")
+    if path is None:
+        message = "Debian's chromium is not installed (make test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url() -> Iterator[str]:
+    """`streamlit run app.py` on a free port, offline, until the module's tests end."""
+    port = free_port()
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", APP_PATH, "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not start within 60 s")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+def wait_idle(page, timeout_ms: int = 180_000) -> None:
+    """Wait until the script has finished running (as Streamlit's own e2e tests do)."""
+    page.wait_for_timeout(300)  # a rerun triggered by the last action may not have started yet
+    page.locator(IDLE).wait_for(timeout=timeout_ms)
+
+
+def click_image(page, x_image: float, y_image: float) -> None:
+    """Click the region component (an iframe) at a point in original image pixels."""
+    frame = page.frame_locator('iframe[title*="streamlit_image_coordinates"]')
+    scale = DISPLAY_WIDTH / SCENE.image.width
+    frame.locator("img").click(position={"x": x_image * scale, "y": y_image * scale})
+    wait_idle(page)
+
+
+def test_upload_click_word_box_regenerate(app_url, browser):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page.goto(app_url)
+    wait_idle(page)
+    expect(page.get_by_text("Showing the bundled demo instead")).to_be_visible()
+
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(EXAMPLE_PATH))
+    wait_idle(page)
+    expect(page.get_by_text(f"“{SCENE.caption}”")).to_be_visible(timeout=120_000)
+
+    target = SCENE.objects[0]
+    words = SCENE.caption.split()
+    shape_index = words.index(target.shape)
+    page.locator('[data-testid="stButtonGroup"] button').nth(shape_index).click()
+    wait_idle(page)
+    expect(page.get_by_text(f"“{target.shape}” ·").first).to_be_visible()
+
+    x0, y0, x1, y1 = target.box
+    click_image(page, x0 - 1, y0 - 1)
+    click_image(page, x1, y1)
+    expect(page.get_by_text("Region: rectangle")).to_be_visible()
+
+    page.get_by_role("button", name="Mask and regenerate").click()
+    wait_idle(page)
+    after = page.get_by_text("After:").locator("..")
+    expect(after).to_be_visible(timeout=120_000)
+    new_caption = after.inner_text().split("After:")[1].strip()
+    assert new_caption and target.shape not in new_caption.split(), new_caption
+    expect(page.get_by_text("Removed:")).to_contain_text(target.shape)
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+    page.close()
