@@ -19,7 +19,16 @@ import streamlit as st
 from PIL import Image
 from streamlit_image_coordinates import streamlit_image_coordinates
 
-from models.analysis import Decoding, MaskedCaption, caption_image, mask_and_recaption, word_probabilities
+from models.analysis import (
+    Decoding,
+    MaskedCaption,
+    WordFaithfulness,
+    caption_image,
+    mask_and_recaption,
+    measure_word,
+    sanity_check,
+    word_probabilities,
+)
 from models.blip_explainer import DEFAULT_METHOD, METHOD_LABELS, METHODS, BlipExplainer, Caption, WordMaps
 from models.clip_explainer import ClipExplainer, ClipMap, Similarity
 from models.loading import (
@@ -41,7 +50,9 @@ from utils.image_utils import (
     load_image,
     overlay_heatmap,
 )
+from utils.metrics import SanityCheck
 from utils.patch_utils import FILL_MODES, Box, box_from_corners, cam_grid_to_image, cam_grids_to_image, top_patches
+from utils.plots import curves_figure
 from utils.report import ReportContent, report_html, report_zip
 from utils.video_utils import encode_mp4, layer_frames
 
@@ -90,6 +101,21 @@ def cached_masked_caption(
     _blip, _image, _caption, _boxes: tuple[Box, ...],
 ) -> MaskedCaption:
     return mask_and_recaption(_blip, _image, _caption, _boxes, fill, Decoding(*decoding))
+
+
+@st.cache_data(max_entries=16, show_spinner="Measuring: masked images are scored in batches…")
+def cached_word_faithfulness(
+    model_key: str, image_key: str, caption_key: str, word: int, method: str, layer: int, fill: str, steps: int,
+    decoding: tuple, _blip, _image, _caption, _maps: WordMaps,
+) -> WordFaithfulness:
+    return measure_word(_blip, _image, _caption, word, _maps, layer, fill, Decoding(*decoding), steps)
+
+
+@st.cache_data(max_entries=16, show_spinner="Re-randomising the top vision layers of a copy of the model…")
+def cached_sanity_check(
+    model_key: str, image_key: str, caption_key: str, word: int, method: str, layer: int, _blip, _image, _caption
+) -> SanityCheck:
+    return sanity_check(_blip, _image, _caption, word, method, layer)
 
 
 @st.cache_data(max_entries=128, show_spinner=False)
@@ -446,6 +472,83 @@ def escape_markdown(text: str) -> str:
     return "".join(f"\\{character}" if character in "\\`*_{}[]()#+-.!<>|~$" else character for character in text)
 
 
+# ---------------------------------------------------------------- metrics
+
+
+def metrics_ui(page: Page, word: int) -> dict:
+    """Deletion/insertion curves, the most faithful layer, the minimal removing region and a
+    model-randomisation sanity check for the chosen word, method and layer."""
+    st.header("Metrics for the chosen word")
+    method = st.session_state.get("method", DEFAULT_METHOD)
+    layer_names = page.blip.layer_names(method)
+    layer = st.session_state.get(f"layer_{method}", len(layer_names) - 1)
+    fill_column, steps_column = st.columns(2)
+    fill = fill_column.selectbox("Fill for masked patches", FILL_MODES, key="metrics_fill")
+    steps = steps_column.slider("Curve steps", 4, 32, 16, key="metrics_steps")
+    request = (page.image_key, page.caption_key, word, method, layer, fill, steps)
+    measure_column, sanity_column = st.columns(2)
+    if measure_column.button("Measure faithfulness", key="measure"):
+        st.session_state.metrics_request = request
+    if sanity_column.button("Sanity check (randomise top layers)", key="sanity"):
+        st.session_state.sanity_request = request
+    reported = {}
+    if st.session_state.get("metrics_request") == request:
+        maps = page.word_maps(method)[word]
+        result = cached_word_faithfulness(
+            page.model_key, page.image_key, page.caption_key, word, method, layer, fill, steps,
+            tuple(vars(page.decoding).values()), page.blip, page.image, page.caption, maps,
+        )
+        reported = faithfulness_ui(page, maps, layer, result)
+    if st.session_state.get("sanity_request") == request:
+        check = cached_sanity_check(
+            page.model_key, page.image_key, page.caption_key, word, method, layer, page.blip, page.image, page.caption
+        )
+        message = f"Rank correlation of the map before and after randomising the top layers: {check.correlation:.2f}."
+        if check.barely_depends:
+            st.warning(message + " The map barely depends on the weights, so it cannot be explaining them.")
+        else:
+            st.success(message + " The map changes with the weights, as an explanation should.")
+        reported["sanity_rank_correlation"] = check.correlation
+    return reported
+
+
+def faithfulness_ui(page: Page, maps: WordMaps, layer: int, result: WordFaithfulness) -> dict:
+    """Show one word's faithfulness numbers; offer its minimal removing region as the region."""
+    curves, removal = result.curves, result.removal
+    st.pyplot(curves_figure(curves, maps.word))
+    numbers = {
+        "deletion_auc": float(curves.deletion.auc),
+        "random_deletion_auc": float(curves.random_deletion.auc),
+        "insertion_auc": float(curves.insertion.auc),
+        "random_insertion_auc": float(curves.random_insertion.auc),
+        "best_layer": result.layers.best_layer_name,
+        "removing_patches": removal.patch_count if removal.removed else None,
+        "removing_image_share": removal.image_share if removal.removed else None,
+    }
+    deletion_gain = numbers["deletion_auc"] - numbers["random_deletion_auc"]
+    insertion_gain = numbers["insertion_auc"] - numbers["random_insertion_auc"]
+    columns = st.columns(4)
+    columns[0].metric("Deletion AUC (lower is better)", f"{numbers['deletion_auc']:.2f}",
+                      f"{deletion_gain:+.2f} vs random", delta_color="inverse")
+    columns[1].metric("Insertion AUC (higher is better)", f"{numbers['insertion_auc']:.2f}",
+                      f"{insertion_gain:+.2f} vs random")
+    columns[2].metric("Most faithful layer", result.layers.best_layer_name)
+    columns[3].metric("Patches that remove the word", numbers["removing_patches"] or "none ≤ 50%")
+    if removal.removed:
+        st.write(
+            f"Masking the top {removal.patch_count} patches ({removal.image_share:.0%} of the image) of "
+            f"{escape_markdown(maps.layer_names[layer])} removes “{escape_markdown(maps.word)}”: "
+            f"the caption becomes “{escape_markdown(' '.join(removal.caption_words))}”."
+        )
+        if st.button("Use the minimal region", key="use_minimal_region"):
+            boxes = tuple(page.blip.geometry.patch_box_image(page.image.size, patch) for patch in removal.patch_ids)
+            st.session_state.clicks = []
+            st.session_state.region = (f"minimal removing region for “{maps.word}”", boxes)
+            st.session_state.masked_request = (repr(boxes), st.session_state.get("fill", FILL_MODES[0]))
+            st.rerun()
+    return numbers
+
+
 # ---------------------------------------------------------------- CLIP
 
 
@@ -515,7 +618,9 @@ def video_ui(page: Page, word: int) -> bytes | None:
     return video
 
 
-def report_ui(page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video) -> None:
+def report_ui(
+    page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video, measured: dict
+) -> None:
     """One ZIP (images, captions, metrics, video) and the same as a self-contained HTML page."""
     st.header("Report")
     method = st.session_state.get("method", DEFAULT_METHOD)
@@ -528,7 +633,7 @@ def report_ui(page: Page, model_label: str, word: int, masked: MaskedCaption | N
     )
     if clip_overlay is not None:
         heatmaps += (("CLIP", clip_overlay),)
-    metrics = {"word": maps.word, "method": method, "score": maps.score}
+    metrics = {"word": maps.word, "method": method, "score": maps.score, **measured}
     if masked is not None:
         metrics["removed_words"] = masked.removed
         changes = masked.log_prob_change.tolist()
@@ -581,9 +686,10 @@ def main() -> None:
     word = caption_ui(page)
     heatmap_ui(page, word)
     masked = mask_ui(page)
+    measured = metrics_ui(page, word)
     clip_overlay = clip_ui(page, word)
     video = video_ui(page, word)
-    report_ui(page, choice.label, word, masked, clip_overlay, video)
+    report_ui(page, choice.label, word, masked, clip_overlay, video, measured)
 
 
 if __name__ == "__main__":  # Streamlit runs the script as __main__; tests import its constants

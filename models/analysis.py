@@ -6,15 +6,29 @@ explainers, so it can be tested without a browser.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
-from models.blip_explainer import BlipExplainer, Caption
+from models.blip_explainer import BlipExplainer, Caption, WordMaps
 from utils.caption_diff import DiffToken, removed_words, word_diff
-from utils.patch_utils import Box, FillMode, mask_boxes
+from utils.metrics import (
+    CaptionWords,
+    CurveSet,
+    LayerRanking,
+    RemovalRegion,
+    SanityCheck,
+    ScoreImages,
+    compare_maps,
+    find_removal_region,
+    measure_curves,
+    rank_layers,
+)
+from utils.patch_utils import Box, Colour, FillMode, mask_boxes
 
 
 @dataclass(frozen=True)
@@ -87,3 +101,78 @@ def mask_and_recaption(
         removed=removed_words(before, after),
         log_prob_change=log_probs[1] - log_probs[0],
     )
+
+
+def word_scorer(blip: BlipExplainer, caption: Caption, word_indices: Sequence[int]) -> ScoreImages:
+    """Score function for metrics: images -> (images, words) teacher-forced log p of the given words."""
+    indices = list(word_indices)
+    return lambda images: word_log_probs(blip, images, caption)[:, indices]
+
+
+def caption_word_reader(blip: BlipExplainer, decoding: Decoding = Decoding()) -> CaptionWords:
+    """Function for metrics: image -> the words of its new caption."""
+    return lambda image: [word.text for word in caption_image(blip, image, decoding).words]
+
+
+@dataclass(frozen=True)
+class WordFaithfulness:
+    """How faithful one word's heatmap is: curves, the best layer, the smallest removing region."""
+
+    curves: CurveSet
+    layers: LayerRanking
+    removal: RemovalRegion
+
+
+def measure_word(
+    blip: BlipExplainer,
+    image: Image.Image,
+    caption: Caption,
+    word_index: int,
+    maps: WordMaps,
+    layer: int,
+    fill: FillMode | Colour,
+    decoding: Decoding,
+    steps: int = 16,
+) -> WordFaithfulness:
+    """Deletion/insertion curves of one layer's map, deletion AUC of every layer, minimal region.
+
+    Masked images are scored in batches (one forward pass per chunk), not one pass per step.
+    """
+    def score(images: list[Image.Image]) -> np.ndarray:  # (images,): one target keeps AUCs scalar
+        return word_log_probs(blip, images, caption)[:, word_index]
+
+    return WordFaithfulness(
+        curves=measure_curves(image, blip.geometry, maps.cam_grid[layer], score, fill=fill, steps=steps),
+        layers=rank_layers(image, blip.geometry, maps.cam_grid, score, maps.layer_names, fill=fill, steps=steps),
+        removal=find_removal_region(
+            image, blip.geometry, maps.cam_grid[layer], maps.word, caption_word_reader(blip, decoding), fill=fill
+        ),
+    )
+
+
+def randomised_copy(explainer: BlipExplainer, top_layers: int, seed: int) -> BlipExplainer:
+    """The explainer on a deep copy of its model whose top vision layers have random weights.
+
+    Cascading model randomisation (Adebayo et al., 2018). Each parameter of the top
+    ``top_layers`` vision layers is redrawn from a normal with the trained tensor's mean and
+    spread, so activations keep their scale but lose what was learnt. The shared model is
+    never touched.
+    """
+    model = copy.deepcopy(explainer.model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.vision_model.encoder.layers[-top_layers:]:
+            for parameter in layer.parameters():
+                noise = torch.randn(parameter.shape, generator=generator).to(parameter.device)
+                parameter.copy_(parameter.mean() + parameter.std(correction=0) * noise)
+    return BlipExplainer(model, explainer.processor, explainer.device)
+
+
+def sanity_check(
+    blip: BlipExplainer, image: Image.Image, caption: Caption, word_index: int, method: str, layer: int,
+    top_layers: int = 2, seed: int = 0,
+) -> SanityCheck:
+    """Rank correlation of a word's map before and after re-randomising the top vision layers."""
+    (before,) = blip.explain(image, caption, [word_index], method)
+    (after,) = randomised_copy(blip, top_layers, seed).explain(image, caption, [word_index], method)
+    return compare_maps(before.cam_grid[layer], after.cam_grid[layer])

@@ -114,3 +114,22 @@ def test_a_bad_upload_is_refused_and_the_session_keeps_its_state():
     assert any("holiday" in error.value and "previous image is kept" in error.value for error in app.error)
     assert app.subheader[0].value == f"“{SCENE.caption}”"
     assert app.session_state["region"] == region_before
+
+
+def test_metrics_panel_measures_the_word_and_offers_the_minimal_region(explained_app):
+    app = explained_app
+    app.session_state["word"] = SCENE.caption.split().index(SCENE.objects[0].shape)
+    app.selectbox(key="method").set_value("occlusion").run()
+    app.selectbox(key="metrics_fill").set_value("mean").run()
+    app.button(key="measure").click().run()
+    assert not app.exception, app.exception
+    labels = {metric.label: metric.value for metric in app.metric}
+    deletion = float(labels["Deletion AUC (lower is better)"])
+    assert 0 <= deletion <= 1.5
+    assert labels["Most faithful layer"]
+    app.button(key="sanity").click().run()
+    assert not app.exception
+    assert any("Rank correlation" in message.value for message in [*app.success, *app.warning])
+    app.button(key="use_minimal_region").click().run()
+    assert app.session_state["region"][0].startswith("minimal removing region")
+    assert any("Removed:" in message.value for message in app.success)
