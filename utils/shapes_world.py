@@ -1,0 +1,225 @@
+"""Shapes world: seeded synthetic scenes whose objects, boxes and captions are known exactly.
+
+Pure helpers (numpy + Pillow only). The bundled demo captioner and CLIP are trained on these
+scenes, so an explanation can be checked against where each object really is.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue", "yellow")
+EMPTY_CAPTION = "an empty picture"
+# Every word any caption can contain; objects are joined with "and" (no commas) so WordPiece
+# encodes and decodes captions unchanged.
+VOCABULARY_WORDS = ("a", "an", "and", "empty", "picture", *COLOURS, *SHAPES)
+
+# Held-out evaluation scenes; training draws only from TRAIN_SEED_START upwards.
+EVAL_SEEDS = range(100_000)
+TRAIN_SEED_START = 1_000_000
+
+MAX_OBJECTS = 3
+# Probability of 0, 1, 2 and 3 objects: a good share of empty scenes teaches "nothing there".
+OBJECT_COUNT_PROBABILITIES = (0.12, 0.28, 0.30, 0.30)
+COLOUR_RGB = {
+    "red": (215, 35, 35),
+    "green": (30, 160, 50),
+    "blue": (35, 65, 215),
+    "yellow": (235, 195, 20),
+}
+COLOUR_JITTER = 20
+NOISE_AMPLITUDE = 6
+PLACEMENT_TRIES = 50
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object; box = (x0, y0, x1, y1) in image pixels, x1/y1 exclusive."""
+
+    shape: str
+    colour: str
+    box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """An RGB image, its true caption, its objects (left to right) and the flat background RGB."""
+
+    image: Image.Image
+    caption: str
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int]
+
+
+def object_size_range(image_size: int) -> tuple[int, int]:
+    """Smallest and largest object side in pixels for a square image of `image_size` pixels."""
+    return max(4, image_size // 8), max(5, image_size * 5 // 16)
+
+
+def describe_objects(objects: tuple[SceneObject, ...] | list[SceneObject]) -> str:
+    """Caption naming `objects` left to right by box centre, e.g. 'a red circle and a blue square'."""
+    if not objects:
+        return EMPTY_CAPTION
+    ordered = sorted(objects, key=lambda item: (item.box[0] + item.box[2], item.box[1] + item.box[3]))
+    return " and ".join(f"a {item.colour} {item.shape}" for item in ordered)
+
+
+def generate_scene(seed: int, image_size: int = 128) -> Scene:
+    """Draw the scene for `seed`; the same seed always gives identical image bytes.
+
+    Args:
+        seed: any non-negative int (EVAL_SEEDS for evaluation, >= TRAIN_SEED_START for training).
+        image_size: side of the square RGB image in pixels (>= 32).
+    """
+    rng = np.random.default_rng(seed)
+    object_count = int(rng.choice(MAX_OBJECTS + 1, p=OBJECT_COUNT_PROBABILITIES))
+    background = random_background(rng)
+    boxes = place_boxes(rng, object_count, image_size)
+    objects = tuple(
+        SceneObject(shape=str(rng.choice(SHAPES)), colour=str(rng.choice(COLOURS)), box=box)
+        for box in sorted(boxes, key=lambda box: box[0] + box[2])
+    )
+    image = Image.new("RGB", (image_size, image_size), background)
+    draw = ImageDraw.Draw(image)
+    for item in objects:
+        draw_object(draw, item, jitter_colour(rng, COLOUR_RGB[item.colour]))
+    return Scene(add_noise(rng, image), describe_objects(objects), objects, background)
+
+
+def random_background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Light grey or pastel tint, far from every object colour."""
+    base = int(rng.integers(200, 246))
+    tint = rng.integers(-12, 13, size=3)
+    return tuple(int(value) for value in np.clip(base + tint, 185, 250))
+
+
+def place_boxes(rng: np.random.Generator, count: int, image_size: int) -> list[tuple[int, int, int, int]]:
+    """Up to `count` square boxes that neither overlap nor share a horizontal centre.
+
+    Horizontal centres differ by at least image_size // 16 pixels so that "left to right" is
+    never ambiguous; a box that cannot be placed after PLACEMENT_TRIES tries is dropped.
+    """
+    smallest, largest = object_size_range(image_size)
+    margin = max(1, image_size // 64)
+    centre_gap = max(1, image_size // 16)
+    boxes: list[tuple[int, int, int, int]] = []
+    for _ in range(count):
+        for _ in range(PLACEMENT_TRIES):
+            side = int(rng.integers(smallest, largest + 1))
+            x0, y0 = (int(value) for value in rng.integers(0, image_size - side + 1, size=2))
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(boxes_are_apart(box, other, margin, centre_gap) for other in boxes):
+                boxes.append(box)
+                break
+    return boxes
+
+
+def boxes_are_apart(
+    box: tuple[int, int, int, int], other: tuple[int, int, int, int], margin: int, centre_gap: int
+) -> bool:
+    """True when the boxes are at least `margin` apart and their x centres `centre_gap` apart."""
+    separated = (
+        box[2] + margin <= other[0]
+        or other[2] + margin <= box[0]
+        or box[3] + margin <= other[1]
+        or other[3] + margin <= box[1]
+    )
+    centres_differ = abs((box[0] + box[2]) - (other[0] + other[2])) >= 2 * centre_gap
+    return separated and centres_differ
+
+
+def jitter_colour(rng: np.random.Generator, rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """`rgb` with each channel moved by up to COLOUR_JITTER, clipped to 0..255."""
+    shifted = np.asarray(rgb) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+    return tuple(int(value) for value in np.clip(shifted, 0, 255))
+
+
+def draw_object(draw: ImageDraw.ImageDraw, item: SceneObject, rgb: tuple[int, int, int]) -> None:
+    """Fill `item`'s shape inside its box (PIL boxes are inclusive, hence the - 1)."""
+    x0, y0, x1, y1 = item.box
+    if item.shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=rgb)
+    elif item.shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=rgb)
+    else:
+        draw.polygon(((x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)), fill=rgb)
+
+
+def add_noise(rng: np.random.Generator, image: Image.Image) -> Image.Image:
+    """`image` plus uniform pixel noise of +-NOISE_AMPLITUDE per channel."""
+    pixels = np.asarray(image, dtype=np.int16)  # (H, W, 3)
+    noise = rng.integers(-NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, size=pixels.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def paint_box(image: Image.Image, box: tuple[int, int, int, int], rgb: tuple[int, int, int]) -> Image.Image:
+    """Copy of `image` with `box` = (x0, y0, x1, y1), x1/y1 exclusive, filled flat with `rgb`."""
+    painted = image.copy()
+    ImageDraw.Draw(painted).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=rgb)
+    return painted
+
+
+def remove_object(scene: Scene, index: int) -> Scene:
+    """The scene with object `index` painted over in the background colour and left out of the caption."""
+    kept = scene.objects[:index] + scene.objects[index + 1 :]
+    image = paint_box(scene.image, scene.objects[index].box, scene.background)
+    return replace(scene, image=image, caption=describe_objects(kept), objects=kept)
+
+
+def caption_distractors(scene: Scene, count: int, rng: np.random.Generator) -> list[str]:
+    """`count` distinct wrong captions, as close to the true one as possible.
+
+    One colour or shape word changed first; when those run out, two words changed, and so on.
+    An empty scene gets captions of single objects instead.
+
+    Args:
+        scene: the scene whose caption is varied.
+        count: number of captions wanted; ValueError when the scene allows fewer.
+        rng: numpy Generator that picks which variants (and their order).
+    """
+    if scene.objects:
+        groups = word_change_groups(scene.objects)
+    else:
+        groups = [[f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]]
+    chosen: list[str] = []
+    for group in groups:
+        needed = count - len(chosen)
+        if needed <= 0:
+            break
+        picks = rng.permutation(len(group))[:needed]
+        chosen.extend(group[int(pick)] for pick in picks)
+    if len(chosen) < count:
+        raise ValueError(f"scene allows only {len(chosen)} distractors, {count} requested")
+    return chosen
+
+
+def word_change_groups(objects: tuple[SceneObject, ...]) -> Iterator[list[str]]:
+    """Captions of `objects` with exactly 1, 2, ... colour/shape words changed, one list per count.
+
+    A generator: a caller that has enough after one word changed never builds the rest.
+    """
+    ordered = sorted(objects, key=lambda item: (item.box[0] + item.box[2], item.box[1] + item.box[3]))
+    words = [word for item in ordered for word in (item.colour, item.shape)]
+    choices = [COLOURS if slot % 2 == 0 else SHAPES for slot in range(len(words))]
+    for changed_count in range(1, len(words) + 1):
+        group = []
+        for slots in itertools.combinations(range(len(words)), changed_count):
+            options = [[word for word in choices[slot] if word != words[slot]] for slot in slots]
+            for replacement in itertools.product(*options):
+                new_words = list(words)
+                for slot, word in zip(slots, replacement, strict=True):
+                    new_words[slot] = word
+                group.append(join_object_words(new_words))
+        yield group
+
+
+def join_object_words(words: list[str]) -> str:
+    """Caption from a flat [colour, shape, colour, shape, ...] list, in that order."""
+    pairs = zip(words[0::2], words[1::2], strict=True)
+    return " and ".join(f"a {colour} {shape}" for colour, shape in pairs)
