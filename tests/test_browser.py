@@ -119,7 +119,7 @@ def test_upload_click_word_box_regenerate(app_url, browser):
 
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(EXAMPLE_PATH))
     wait_idle(page)
-    expect(page.get_by_text(f"“{SCENE.caption}”")).to_be_visible(timeout=120_000)
+    expect(page.get_by_role("heading", name=f"“{SCENE.caption}”")).to_be_visible(timeout=120_000)
 
     target = SCENE.objects[0]
     words = SCENE.caption.split()
