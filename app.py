@@ -276,8 +276,9 @@ def image_input_ui() -> None:
     """Upload or example picker; a new choice replaces the image only when it loads."""
     upload_column, example_column = st.columns([3, 2])
     with upload_column:
-        # Extensions only filter the file dialog; load_image accepts files by their content.
-        upload = st.file_uploader("Upload an image (JPG, PNG or WebP)", type=["jpg", "jpeg", "png", "webp"])
+        # No extension filter: Streamlit would raise on a wrong one, and a file's name says
+        # nothing reliable about it. load_image accepts or refuses files by their content.
+        upload = st.file_uploader("Upload an image (JPG, PNG, WebP, BMP or GIF)", key="upload")
     with example_column:
         example = st.selectbox("…or pick an example scene", ["(none)", *example_names()], key="example")
     if upload is not None and upload.file_id != st.session_state.last_upload_id:

@@ -136,13 +136,13 @@ def test_a_broken_local_model_folder_gives_a_clear_message(monkeypatch, tmp_path
 def test_two_hundred_interactions_keep_memory_and_hooks_bounded():
     app = pick_example(start_app(), FIRST_EXAMPLE)
     words = len(FIRST_SCENE.caption.split())
-    layers = app.select_slider(key="layer_hirescam").options
+    layer_count = len(app.select_slider(key="layer_hirescam").options)
 
     def interact(step: int) -> None:
         if step % 3 == 0:
             app.session_state["word"] = step % words
         elif step % 3 == 1:
-            app.select_slider(key="layer_hirescam").set_value(layers[step % len(layers)])
+            app.select_slider(key="layer_hirescam").set_value(step % layer_count)
         else:
             app.slider(key="opacity").set_value(round((step % 10) / 10, 1))
         app.run()
