@@ -324,7 +324,7 @@ def heatmap_controls_ui(blip: BlipExplainer) -> tuple[str, int, float, str, bool
     layer = controls[1].select_slider(
         "Layer (shallow → deep)",
         options=list(range(len(layer_names))),
-        value=len(layer_names) - 1,
+        value=blip.default_layer(method),
         format_func=lambda index: layer_names[index],
         key=f"layer_{method}",
     )
@@ -481,8 +481,7 @@ def metrics_ui(page: Page, word: int) -> dict:
     model-randomisation sanity check for the chosen word, method and layer."""
     st.header("Metrics for the chosen word")
     method = st.session_state.get("method", DEFAULT_METHOD)
-    layer_names = page.blip.layer_names(method)
-    layer = st.session_state.get(f"layer_{method}", len(layer_names) - 1)
+    layer = st.session_state.get(f"layer_{method}", page.blip.default_layer(method))
     fill_column, steps_column = st.columns(2)
     fill = fill_column.selectbox("Fill for masked patches", FILL_MODES, key="metrics_fill")
     steps = steps_column.slider("Curve steps", 4, 32, 16, key="metrics_steps")
@@ -578,9 +577,12 @@ def clip_ui(page: Page, word: int) -> Image.Image | None:
         page.display_image, cam_grid_to_image(clip_map.cam_grid, clip.geometry, page.display_image.size)
     )
     blip_maps = page.word_maps(DEFAULT_METHOD)[word]
-    blip_overlay = overlay_heatmap(page.display_image, page.heat_images(blip_maps)[0][-1])
+    blip_layer = page.blip.default_layer(DEFAULT_METHOD)
+    blip_overlay = overlay_heatmap(page.display_image, page.heat_images(blip_maps)[0][blip_layer])
     left, right = st.columns(2)
-    left.image(blip_overlay, caption=f"BLIP · “{blip_maps.word}” · {blip_maps.layer_names[-1]}", width=DISPLAY_WIDTH)
+    left.image(
+        blip_overlay, caption=f"BLIP · “{blip_maps.word}” · {blip_maps.layer_names[blip_layer]}", width=DISPLAY_WIDTH
+    )
     right.image(
         clip_overlay,
         caption=f"CLIP · “{explained}” · {clip_map.layer_name} (hatched: outside CLIP's centre crop)",

@@ -6,10 +6,15 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Tests never reach a hub: the loading code must work from local folders alone.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The test models are tiny, and AppTest sessions run in threads: with two intra-op threads per
+# forward pass the two cores are oversubscribed, which made the demo model up to 60x slower.
+torch.set_num_threads(1)
 
 from models.blip_explainer import BlipExplainer  # noqa: E402
 from models.clip_explainer import ClipExplainer  # noqa: E402

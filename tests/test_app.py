@@ -6,6 +6,7 @@ import imageio
 import pytest
 
 from app import VIDEO_FPS
+from models.blip_explainer import DEFAULT_METHOD, BlipExplainer
 from models.loading import SHAPES_DEMO_CHOICE
 from tests.app_helpers import click, count_model_forwards, pick_example, start_app, upload
 from utils.shapes_world import generate_scene
@@ -13,6 +14,10 @@ from utils.shapes_world import generate_scene
 EXAMPLE_SEED = 99999  # media/examples/scene_99999_*.png, a held-out scene with two objects
 SCENE = generate_scene(EXAMPLE_SEED)
 EXAMPLE_NAME = f"scene_{EXAMPLE_SEED}_{SCENE.caption.replace(' ', '-')}.png"
+
+
+def app_blip() -> BlipExplainer:
+    return BlipExplainer.from_pretrained("shapes-demo", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,10 @@ def test_example_is_captioned_and_explained(explained_app):
     app = explained_app
     assert app.subheader[0].value == f"“{SCENE.caption}”"
     assert len(app.button_group) == 1  # the word pills
-    assert app.select_slider(key="layer_hirescam").value == len(app.select_slider(key="layer_hirescam").options) - 1
+    method = app.selectbox(key="method").value
+    assert method == DEFAULT_METHOD
+    layer_slider = app.select_slider(key=f"layer_{method}")
+    assert layer_slider.value == layer_slider.options[app_blip().default_layer(method)]
     assert len(app.get("image")) >= 1  # the heatmap overlay
 
 
@@ -45,7 +53,7 @@ def test_rerun_that_changes_nothing_runs_no_model(explained_app):
         explained_app.run()
     assert calls[0] == 0
     with count_model_forwards() as calls:
-        explained_app.select_slider(key="layer_hirescam").set_value(0).run()
+        explained_app.select_slider(key=f"layer_{DEFAULT_METHOD}").set_value(0).run()
     assert calls[0] == 0, "changing the layer only redraws cached maps"
 
 

@@ -57,7 +57,11 @@ def app_with_region():
     return app
 
 
-@pytest.mark.parametrize("case", [case for case in bad_image_cases() if case.expect_error], ids=lambda case: case.name)
+REFUSED = [case for case in bad_image_cases() if case.expect_error]
+ACCEPTED = [case for case in bad_image_cases() if not case.expect_error]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=lambda case: case.name)
 def test_bad_upload_gets_one_clear_message_and_the_session_keeps_its_state(app_with_region, case):
     app = app_with_region
     caption_before, region_before = app.subheader[0].value, app.session_state["region"]
@@ -69,7 +73,7 @@ def test_bad_upload_gets_one_clear_message_and_the_session_keeps_its_state(app_w
     assert app.session_state["region"] == region_before
 
 
-@pytest.mark.parametrize("case", [case for case in bad_image_cases() if not case.expect_error], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ACCEPTED, ids=lambda case: case.name)
 def test_awkward_but_valid_upload_is_captioned(case):
     app = upload(start_app(), case.file_name, case.data)
     assert not app.exception
@@ -136,13 +140,14 @@ def test_a_broken_local_model_folder_gives_a_clear_message(monkeypatch, tmp_path
 def test_two_hundred_interactions_keep_memory_and_hooks_bounded():
     app = pick_example(start_app(), FIRST_EXAMPLE)
     words = len(FIRST_SCENE.caption.split())
-    layer_count = len(app.select_slider(key="layer_hirescam").options)
+    layer_slider = f"layer_{app.selectbox(key='method').value}"
+    layer_count = len(app.select_slider(key=layer_slider).options)
 
     def interact(step: int) -> None:
         if step % 3 == 0:
             app.session_state["word"] = step % words
         elif step % 3 == 1:
-            app.select_slider(key="layer_hirescam").set_value(step % layer_count)
+            app.select_slider(key=layer_slider).set_value(step % layer_count)
         else:
             app.slider(key="opacity").set_value(round((step % 10) / 10, 1))
         app.run()
