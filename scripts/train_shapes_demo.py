@@ -100,16 +100,20 @@ def check_round_trip(tokenizer, captions: list[str]) -> None:
             raise RuntimeError(f"tokenizer round trip failed: {caption!r} -> {ids} -> {decoded!r}")
 
 
+# Both models see images through the same small ViT.
+VISION_TOWER = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+}
+
+
 def build_blip(tokenizer: BertTokenizer) -> BlipForConditionalGeneration:
     """Small BLIP captioner: 4-layer ViT on 128 px / 16 px patches, 3-layer text decoder."""
-    vision_config = {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-    }
+    vision_config = dict(VISION_TOWER)
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": 128,
@@ -134,14 +138,7 @@ def build_blip(tokenizer: BertTokenizer) -> BlipForConditionalGeneration:
 
 def build_clip(tokenizer: BertTokenizer) -> CLIPModel:
     """Small CLIP: 4-layer ViT on 128 px / 16 px patches, 2-layer text tower pooled at [SEP]."""
-    vision_config = {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-    }
+    vision_config = dict(VISION_TOWER)
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": 128,
