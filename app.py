@@ -174,6 +174,7 @@ def init_state() -> None:
         "region": None,  # (description, tuple of Box) or None
         "masked_request": None,  # region key + fill the user asked to regenerate
         "video": None,  # (key, mp4 bytes)
+        "report": None,  # (zip bytes, html text), prepared on request
         "model_notice": "",
     }
     for key, value in defaults.items():
@@ -270,6 +271,7 @@ def accept_image(data: bytes, name: str) -> None:
         st.session_state.image_name = name
         clear_region()
         st.session_state.video = None
+        st.session_state.report = None
 
 
 def image_input_ui() -> None:
@@ -625,8 +627,33 @@ def video_ui(page: Page, word: int) -> bytes | None:
 def report_ui(
     page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video, measured: dict
 ) -> None:
-    """One ZIP (images, captions, metrics, video) and the same as a self-contained HTML page."""
+    """One ZIP (images, captions, metrics, video) and the same as a self-contained HTML page.
+
+    Built on request, not on every rerun: encoding every layer's PNG costs seconds on big images.
+    """
     st.header("Report")
+    if st.button("Prepare report", key="prepare_report"):
+        content = report_content(page, model_label, word, masked, clip_overlay, video, measured)
+        st.session_state.report = (report_zip(content), report_html(content))
+    if not st.session_state.get("report"):
+        st.caption("Collects what is on the page now: heatmaps of every layer, mask, captions, metrics, video.")
+        return
+    archive, page_html = st.session_state.report
+    zip_column, html_column = st.columns(2)
+    zip_column.download_button(
+        "Download report (ZIP)", archive, file_name="vlm_explainer_report.zip",
+        mime="application/zip", on_click="ignore", key="report_zip",
+    )
+    html_column.download_button(
+        "Download report (HTML)", page_html, file_name="vlm_explainer_report.html",
+        mime="text/html", on_click="ignore", key="report_html",
+    )
+
+
+def report_content(
+    page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video, measured: dict
+) -> ReportContent:
+    """Everything the report holds, from what the page shows now."""
     method = st.session_state.get("method", DEFAULT_METHOD)
     maps = page.word_maps(method)[word]
     heat, value_range = page.heat_images(maps)
@@ -642,7 +669,7 @@ def report_ui(
         metrics["removed_words"] = masked.removed
         changes = masked.log_prob_change.tolist()
         metrics["log_prob_change"] = dict(zip(numbered_words(page.caption), changes, strict=True))
-    content = ReportContent(
+    return ReportContent(
         title=f"VLM Explainer report: {st.session_state.image_name}",
         model_name=model_label,
         original_image=page.image,
@@ -654,15 +681,6 @@ def report_ui(
         metrics=metrics,
         video_mp4=video,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    zip_column, html_column = st.columns(2)
-    zip_column.download_button(
-        "Download report (ZIP)", report_zip(content), file_name="vlm_explainer_report.zip",
-        mime="application/zip", on_click="ignore", key="report_zip",
-    )
-    html_column.download_button(
-        "Download report (HTML)", report_html(content), file_name="vlm_explainer_report.html",
-        mime="text/html", on_click="ignore", key="report_html",
     )
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
+
 import imageio
 import pytest
 
@@ -141,3 +145,18 @@ def test_metrics_panel_measures_the_word_and_offers_the_minimal_region(explained
     app.button(key="use_minimal_region").click().run()
     assert app.session_state["region"][0].startswith("minimal removing region")
     assert any("Removed:" in message.value for message in app.success)
+
+
+def test_report_holds_images_captions_metrics_and_video(explained_app):
+    app = explained_app
+    app.button(key="build_video").click().run()
+    app.button(key="prepare_report").click().run()
+    assert not app.exception, app.exception
+    archive, page_html = app.session_state["report"]
+    with zipfile.ZipFile(io.BytesIO(archive)) as report:
+        names = report.namelist()
+        captions = json.loads(report.read("captions.json"))
+    assert {"original.png", "captions.json", "metrics.json", "layers.mp4", "report.html"} <= set(names)
+    assert sum(name.startswith("heatmaps/") for name in names) >= 2
+    assert captions["original"] == SCENE.caption
+    assert SCENE.caption in page_html and "<script" not in page_html
