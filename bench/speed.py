@@ -51,13 +51,16 @@ def build_blip_base_architecture() -> BlipExplainer:
     return BlipExplainer(model, processor, torch.device("cpu"))
 
 
-def median_seconds(function, repeats: int) -> float:
-    timings = []
+def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in interleaved rounds (A, B, C, A, B, C, ...), so a
+    slow spell on a shared machine hits every measure alike and the ratios stay fair."""
+    timings: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            timings[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 def forward_and_gradient(explainer: BlipExplainer, image: Image.Image, token_ids: list[int], position: int) -> None:
@@ -105,21 +108,19 @@ def main() -> None:
     position = caption.words[word].start
     repeats = arguments.repeats
 
-    explainer.explain(image, caption, [word], method="gradcam")  # warm-up: allocator, hooks
-    results = {
-        "fwd_bwd_s": median_seconds(lambda: forward_and_gradient(explainer, image, token_ids, position), repeats),
-        "all_layers_one_word_s": median_seconds(
-            lambda: explainer.explain(image, caption, [word], method="gradcam"), repeats
-        ),
-        "naive_all_layers_one_word_s": median_seconds(
-            lambda: naive_all_layers(explainer, image, token_ids, position), max(1, repeats // 2)
-        ),
-        "all_words_all_layers_s": median_seconds(lambda: explainer.explain(image, caption, method="gradcam"), repeats),
-        "n_words": len(caption.words),
-        "caption_s": median_seconds(lambda: explainer.caption(image, max_new_tokens=20), repeats),
-    }
-    (maps,) = explainer.explain(image, caption, [word], method="gradcam")
-    results["video_encode_s"] = median_seconds(lambda: encode_layer_video(explainer, image, maps.cam_grid), repeats)
+    (maps,) = explainer.explain(image, caption, [word], method="gradcam")  # warm-up: allocator, hooks
+    results = interleaved_medians(
+        {
+            "fwd_bwd_s": lambda: forward_and_gradient(explainer, image, token_ids, position),
+            "all_layers_one_word_s": lambda: explainer.explain(image, caption, [word], method="gradcam"),
+            "naive_all_layers_one_word_s": lambda: naive_all_layers(explainer, image, token_ids, position),
+            "all_words_all_layers_s": lambda: explainer.explain(image, caption, method="gradcam"),
+            "caption_s": lambda: explainer.caption(image, max_new_tokens=20),
+            "video_encode_s": lambda: encode_layer_video(explainer, image, maps.cam_grid),
+        },
+        arguments.repeats,
+    )
+    results["n_words"] = len(caption.words)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["ratios"] = {
         "all_layers_one_word / fwd_bwd": results["all_layers_one_word_s"] / results["fwd_bwd_s"],

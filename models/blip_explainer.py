@@ -293,7 +293,8 @@ class BlipExplainer:
         word_indices: Sequence[int],
         method: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (words,) and maps (words, layers, patches) from one forward and one gradient call."""
+        """Scores (words,) and maps (words, layers, patches): one forward pass shared by all words,
+        then one gradient call per word that returns every layer at once."""
         use_vision = method in VISION_LAYER_METHODS
         if not use_vision and method != "cross_attention":
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -304,13 +305,13 @@ class BlipExplainer:
             logits = self.model(pixel_values=pixel_values, input_ids=ids).logits  # (1, T, V)
             log_probs = logits[0].log_softmax(dim=-1)  # (T, V)
             scores = torch.stack([target(log_probs) for target in targets])  # (W,)
-            # One backward pass per word, batched by vmap: the forward pass is shared by all.
-            gradients = torch.autograd.grad(
-                scores,
-                captured,
-                grad_outputs=torch.eye(len(targets), device=self.device),
-                is_grads_batched=True,
-            )
+            # One backward pass per word over the one shared forward graph. (Batching them with
+            # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.)
+            per_word = [
+                torch.autograd.grad(score, captured, retain_graph=slot < len(targets) - 1)
+                for slot, score in enumerate(scores)
+            ]
+        gradients = [torch.stack(layer_gradients) for layer_gradients in zip(*per_word, strict=True)]  # (W, 1, T, D)
         if use_vision:
             cam_function = VISION_LAYER_METHODS[method]
             maps = [
