@@ -144,3 +144,25 @@ def test_upload_click_word_box_regenerate(app_url, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
     page.close()
+
+
+def test_several_pages_at_once_each_get_their_own_caption(app_url, browser):
+    """Three browser sessions upload different scenes at the same moment; the one cached model
+    serves them all, and each page shows its own scene's caption."""
+    from playwright.sync_api import expect
+
+    examples = sorted((ROOT / "media" / "examples").glob("scene_*.png"))[:3]
+    pages = []
+    for path in examples:
+        context = browser.new_context(viewport={"width": 1200, "height": 900})  # one session each
+        page = context.new_page()
+        page.goto(app_url)
+        wait_idle(page)
+        pages.append((page, path))
+    for page, path in pages:  # no waiting in between: the server runs the three scripts at once
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
+    for page, path in pages:
+        seed = int(path.name.split("_")[1])
+        expect(page.get_by_role("heading", name=f"“{generate_scene(seed).caption}”")).to_be_visible(timeout=120_000)
+        expect(page.locator('[data-testid="stException"]')).to_have_count(0)
+        page.context.close()
