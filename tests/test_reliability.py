@@ -6,19 +6,22 @@ import gc
 import os
 import re
 import socket
+import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import streamlit as st
 import torch
 
-from models.blip_explainer import BlipExplainer
+from models.analysis import Decoding, caption_image, mask_and_recaption
+from models.blip_explainer import DEFAULT_METHOD, BlipExplainer
 from models.clip_explainer import ClipExplainer
 from tests.app_helpers import click, pick_example, start_app, upload
 from tests.bad_images import bad_image_cases
+from utils.image_utils import load_image
+from utils.patch_utils import Box
 from utils.shapes_world import generate_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +35,6 @@ def resident_mb() -> float:
     """This process's resident memory in MB (Linux /proc)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def heatmap_caption(app) -> str:
-    """The label above the heatmap: word, layer and its score, which pins the computed map."""
-    return next(caption.value for caption in app.caption if "· score" in caption.value)
 
 
 def forward_hook_count() -> int:
@@ -84,23 +82,37 @@ def test_awkward_but_valid_upload_is_captioned(case):
 # ---------------------------------------------------------------- 2. concurrency
 
 
-def explain_example(name: str, word: int) -> tuple[str, str]:
-    """One session: open an example, choose a word; returns (caption, heatmap label)."""
-    app = pick_example(start_app(), name)
-    app.session_state["word"] = word
-    app.run()
-    assert not app.exception, app.exception
-    return app.subheader[0].value, heatmap_caption(app)
+@pytest.fixture(scope="module")
+def shared_demo() -> BlipExplainer:
+    """One demo model for every thread, as st.cache_resource shares it between sessions."""
+    return BlipExplainer.from_pretrained("shapes-demo", device="cpu")
 
 
-def test_four_sessions_at_once_get_what_they_get_alone():
+def session_work(blip: BlipExplainer, name: str, word: int) -> tuple:
+    """What one browser session asks of the shared model: caption, every map, the causal test."""
+    image = load_image((ROOT / "media" / "examples" / name).read_bytes())
+    caption = caption_image(blip, image, Decoding())
+    maps = blip.explain(image, caption, method=DEFAULT_METHOD)[word]
+    masked = mask_and_recaption(blip, image, caption, [Box(0, 0, 48, 48)], "mean", Decoding())
+    return caption.text, maps.score, maps.cam_grid.tobytes(), masked.caption.text, masked.log_prob_change.tobytes()
+
+
+def test_four_sessions_at_once_get_what_they_get_alone(shared_demo):
+    """AppTest itself is not thread-safe (it flips global options per run), so the sessions'
+    model work runs here in threads on one shared model; tests/test_browser.py runs real
+    concurrent browser sessions against one server."""
     jobs = [(EXAMPLES[index], index % 3 + 1) for index in range(4)]
-    alone = [explain_example(name, word) for name, word in jobs]
-    st.cache_data.clear()  # make the sessions compute at the same time on the one shared model
+    alone = [session_work(shared_demo, name, word) for name, word in jobs]
     memory_before = resident_mb()
+    barrier = threading.Barrier(len(jobs))
+
+    def together(job: tuple[str, int]) -> tuple:
+        barrier.wait()  # start at the same moment so the forward passes overlap
+        return session_work(shared_demo, *job)
+
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        together = list(pool.map(lambda job: explain_example(*job), jobs))
-    assert together == alone
+        results = list(pool.map(together, jobs))
+    assert results == alone
     growth = resident_mb() - memory_before
     print(f"resident memory growth for 4 concurrent sessions: {growth:.0f} MB")
     assert growth < 500
