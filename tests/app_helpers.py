@@ -9,8 +9,6 @@ from pathlib import Path
 import torch
 from streamlit.testing.v1 import AppTest
 
-from models.loading import SHAPES_DEMO_CHOICE
-
 APP_PATH = str(Path(__file__).resolve().parents[1] / "app.py")
 DISPLAY_WIDTH = 420  # app.DISPLAY_WIDTH: the click component reports clicks in these pixels
 
@@ -19,11 +17,6 @@ def start_app(timeout_s: float = 300) -> AppTest:
     """Run app.py once; the hub is switched off by conftest, so the demo is loaded."""
     app = AppTest.from_file(APP_PATH, default_timeout=timeout_s)
     app.run()
-    return app
-
-
-def use_demo(app: AppTest) -> AppTest:
-    app.sidebar.selectbox(key="model_label").set_value(SHAPES_DEMO_CHOICE.label).run()
     return app
 
 
@@ -51,10 +44,6 @@ def click(app: AppTest, x_image: float, y_image: float, image_width: int, unix_t
     }
     app.run()
     return app
-
-
-def no_exception(app: AppTest) -> bool:
-    return not app.exception
 
 
 @contextmanager
