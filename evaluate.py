@@ -32,6 +32,7 @@ from utils.metrics import (
     box_mass,
     curves_by_order,
     find_removal_region,
+    finite_mean,
     patch_order,
     pointing_game,
     random_curve,
@@ -211,12 +212,6 @@ def append_records(out: Path, rows: list[dict], curves: list[dict]) -> None:
         handle.writelines(json.dumps(curve) + "\n" for curve in curves)
 
 
-def nan_mean(values) -> float | None:
-    """Mean over finite values; None (JSON null) when there are none."""
-    finite = [value for value in values if math.isfinite(value)]
-    return float(np.mean(finite)) if finite else None
-
-
 def summarise(rows: list[dict]) -> dict:
     """Mean metrics of CSV rows, per layer and per category."""
     by_layer = defaultdict(list)
@@ -231,15 +226,15 @@ def summarise(rows: list[dict]) -> dict:
         removed = [row for row in layer_rows if row["removed"] == 1]
         summary["per_layer"][layer] = {
             "words": len(layer_rows),
-            **{column: nan_mean(row[column] for row in layer_rows) for column in NUMERIC_COLUMNS[:6]},
-            "deletion_beats_random": nan_mean(
+            **{column: finite_mean(row[column] for row in layer_rows) for column in NUMERIC_COLUMNS[:6]},
+            "deletion_beats_random": finite_mean(
                 float(row["deletion_auc"] < row["random_deletion_auc"]) for row in layer_rows
             ),
-            "removal_rate": nan_mean(row["removed"] for row in layer_rows),
-            "mean_k_to_remove": nan_mean(row["k_to_remove"] for row in removed),
-            "pointing_game": nan_mean(row["pointing_game"] for row in layer_rows),
-            "box_mass": nan_mean(row["box_mass"] for row in layer_rows),
-            "pointing_game_by_category": {name: nan_mean(values) for name, values in sorted(by_category.items())},
+            "removal_rate": finite_mean(row["removed"] for row in layer_rows),
+            "mean_k_to_remove": finite_mean(row["k_to_remove"] for row in removed),
+            "pointing_game": finite_mean(row["pointing_game"] for row in layer_rows),
+            "box_mass": finite_mean(row["box_mass"] for row in layer_rows),
+            "pointing_game_by_category": {name: finite_mean(values) for name, values in sorted(by_category.items())},
         }
     return summary
 

@@ -31,9 +31,11 @@ from models.blip_explainer import DEFAULT_METHOD, METHODS, BlipExplainer, Captio
 from models.clip_explainer import ClipExplainer  # noqa: E402
 from models.loading import torch_threads  # noqa: E402
 from utils.metrics import (  # noqa: E402
+    HIGH_CORRELATION,
     box_mass,
     compare_maps,
     curves_by_order,
+    finite_mean,
     patch_order,
     pointing_game,
     random_curve,
@@ -186,12 +188,6 @@ def measure_sanity(
             tally.sanity[method].append(compare_maps(before.cam_grid[layer], after.cam_grid[layer]).correlation)
 
 
-def mean(values) -> float | None:
-    """Mean over finite values; None (JSON null) when there are none."""
-    finite = [value for value in values if np.isfinite(value)]
-    return float(np.mean(finite)) if finite else None
-
-
 def summarise(tally: Tally, blip: BlipExplainer, methods: Sequence[str]) -> dict:
     """The JSON results: headline numbers for DEFAULT_METHOD at its default layer, then per layer."""
     per_layer: dict = {}
@@ -202,26 +198,26 @@ def summarise(tally: Tally, blip: BlipExplainer, methods: Sequence[str]) -> dict
             per_layer[method][layer_name] = {
                 "words": len(colour["pointing_game"]) + len(shape["pointing_game"]),
                 **{
-                    metric: mean(colour[metric] + shape[metric])
+                    metric: finite_mean(colour[metric] + shape[metric])
                     for metric in ("pointing_game", "box_mass", "deletion_auc")
                 },
-                "pointing_game_colour": mean(colour["pointing_game"]),
-                "pointing_game_shape": mean(shape["pointing_game"]),
+                "pointing_game_colour": finite_mean(colour["pointing_game"]),
+                "pointing_game_shape": finite_mean(shape["pointing_game"]),
             }
     default_method = DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0]
     default_layer = blip.layer_names(default_method)[blip.default_layer(default_method)]
     headline = per_layer[default_method][default_layer]
     return {
-        "caption_exact": mean(tally.caption_exact),
-        "clip_top1": mean(tally.clip_top1),
+        "caption_exact": finite_mean(tally.caption_exact),
+        "clip_top1": finite_mean(tally.clip_top1),
         "default": {"method": default_method, "layer": default_layer},
         "pointing_game": headline["pointing_game"],
         "box_mass": headline["box_mass"],
         "deletion_auc": headline["deletion_auc"],
-        "random_deletion_auc": mean(tally.random_deletion_auc),
-        "causal_removal": mean(tally.causal_removal),
-        "causal_word_dropped": mean(tally.causal_word_dropped),
-        "control_unchanged": mean(tally.control_unchanged),
+        "random_deletion_auc": finite_mean(tally.random_deletion_auc),
+        "causal_removal": finite_mean(tally.causal_removal),
+        "causal_word_dropped": finite_mean(tally.causal_word_dropped),
+        "control_unchanged": finite_mean(tally.control_unchanged),
         "counts": {
             "scenes": len(tally.caption_exact),
             "objects": len(tally.causal_removal),
@@ -231,7 +227,10 @@ def summarise(tally: Tally, blip: BlipExplainer, methods: Sequence[str]) -> dict
         },
         "per_layer": per_layer,
         "sanity": {
-            method: {"spearman": mean(values), "barely_depends": mean([float(value > 0.9) for value in values])}
+            method: {
+                "spearman": finite_mean(values),
+                "barely_depends": finite_mean([float(value > HIGH_CORRELATION) for value in values]),
+            }
             for method, values in tally.sanity.items()
         },
     }

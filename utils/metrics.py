@@ -252,6 +252,12 @@ def curves_by_order(
     return [Curve(direction, fractions, order_scores, order_scores[unmasked_step]) for order_scores in scores]
 
 
+def finite_mean(values) -> float | None:
+    """Mean over finite values; None (JSON null) when there are none."""
+    finite = [value for value in values if np.isfinite(value)]
+    return float(np.mean(finite)) if finite else None
+
+
 def mean_curve(curves: Sequence[Curve]) -> Curve:
     """Mean of raw scores over curves of the same direction and steps (random orders)."""
     first = curves[0]
