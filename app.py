@@ -581,7 +581,8 @@ def clip_ui(page: Page, word: int) -> Image.Image | None:
     )
     blip_maps = page.word_maps(DEFAULT_METHOD)[word]
     blip_layer = page.blip.default_layer(DEFAULT_METHOD)
-    blip_overlay = overlay_heatmap(page.display_image, page.heat_images(blip_maps)[0][blip_layer])
+    blip_heat = cam_grid_to_image(blip_maps.cam_grid[blip_layer], page.blip.geometry, page.display_image.size)
+    blip_overlay = overlay_heatmap(page.display_image, blip_heat)
     left, right = st.columns(2)
     left.image(
         blip_overlay, caption=f"BLIP · “{blip_maps.word}” · {blip_maps.layer_names[blip_layer]}", width=DISPLAY_WIDTH
