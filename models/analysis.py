@@ -138,8 +138,10 @@ def measure_word(
 
     Masked images are scored in batches (one forward pass per chunk), not one pass per step.
     """
+    one_word = word_scorer(blip, caption, [word_index])
+
     def score(images: list[Image.Image]) -> np.ndarray:  # (images,): one target keeps AUCs scalar
-        return word_log_probs(blip, images, caption)[:, word_index]
+        return one_word(images)[:, 0]
 
     return WordFaithfulness(
         curves=measure_curves(image, blip.geometry, maps.cam_grid[layer], score, fill=fill, steps=steps),
