@@ -61,6 +61,8 @@ DISPLAY_WIDTH = 420  # pixels of each image column on the page
 DISPLAY_MAX_SIDE = 1024  # overlays are drawn on a copy no larger than this
 VIDEO_FPS = 12
 REGION_COLOUR = (255, 64, 160)
+# Mean colour shifts the input distribution least of the fills (the demo never saw black squares).
+DEFAULT_FILL = "mean"
 
 
 # ---------------------------------------------------------------- cached model work
@@ -425,8 +427,7 @@ def mask_ui(page: Page) -> MaskedCaption | None:
         return None
     description, boxes = st.session_state.region
     st.write(f"Region: {description}")
-    # Mean colour shifts the input distribution least of the fills (black squares were never seen).
-    fill = st.selectbox("Fill", FILL_MODES, index=FILL_MODES.index("mean"), key="fill")
+    fill = st.selectbox("Fill", FILL_MODES, index=FILL_MODES.index(DEFAULT_FILL), key="fill")
     request = (repr(boxes), fill)
     if st.button("Mask and regenerate", type="primary", key="regenerate"):
         st.session_state.masked_request = request
@@ -486,7 +487,9 @@ def metrics_ui(page: Page, word: int) -> dict:
     method = st.session_state.get("method", DEFAULT_METHOD)
     layer = st.session_state.get(f"layer_{method}", page.blip.default_layer(method))
     fill_column, steps_column = st.columns(2)
-    fill = fill_column.selectbox("Fill for masked patches", FILL_MODES, key="metrics_fill")
+    fill = fill_column.selectbox(
+        "Fill for masked patches", FILL_MODES, index=FILL_MODES.index(DEFAULT_FILL), key="metrics_fill"
+    )
     steps = steps_column.slider("Curve steps", 4, 32, 16, key="metrics_steps")
     request = (page.image_key, page.caption_key, word, method, layer, fill, steps)
     measure_column, sanity_column = st.columns(2)
@@ -547,7 +550,8 @@ def faithfulness_ui(page: Page, maps: WordMaps, layer: int, result: WordFaithful
             boxes = tuple(page.blip.geometry.patch_box_image(page.image.size, patch) for patch in removal.patch_ids)
             st.session_state.clicks = []
             st.session_state.region = (f"minimal removing region for “{maps.word}”", boxes)
-            st.session_state.masked_request = (repr(boxes), st.session_state.get("fill", FILL_MODES[0]))
+            # The causal test's fill widget may not exist yet (no region before): use its default.
+            st.session_state.masked_request = (repr(boxes), st.session_state.get("fill", DEFAULT_FILL))
             st.rerun()
     return numbers
 
