@@ -74,8 +74,8 @@ CLIP_CANDIDATES = 10
 def parse_arguments() -> argparse.Namespace:
     """Command-line flags: step counts, output folder, final evaluation size."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blip-steps", type=int, default=3000)
-    parser.add_argument("--clip-steps", type=int, default=300)
+    parser.add_argument("--blip-steps", type=int, default=6000)
+    parser.add_argument("--clip-steps", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=Path("models/shapes_demo"))
     parser.add_argument("--eval-scenes", type=int, default=FINAL_EVAL_SCENES)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
