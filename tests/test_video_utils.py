@@ -154,6 +154,19 @@ def test_labels_differ_between_layers_in_the_label_strip_only() -> None:
     assert len(np.unique(frames[0][:bar])) > 2  # text drawn on the bar
 
 
+def test_long_labels_wrap_inside_a_narrow_frame_and_every_frame_keeps_one_size() -> None:
+    labels = ["decoder cross-attention 1/3", "decoder cross-attention, mean of all 3 layers"]
+    frames = layer_frames(gradient_image(), heat_stack([1.0, 1.0]), labels, "triangle", alpha=0.5,
+                          colormap="jet", hold_frames=1, fade_frames=1)
+    assert len({frame.shape for frame in frames}) == 1
+    bar = label_height(frames[0], 80)
+    one_line_bar = label_height(make_frames(heat_stack([1.0]), hold_frames=1, fade_frames=0)[0], 80)
+    assert bar >= 3 * one_line_bar // 2  # wrapped onto more lines than one
+    for key_frame in (frames[0], frames[-1]):
+        text_columns = np.flatnonzero((key_frame[:bar] > 128).any(axis=(0, 2)))
+        assert text_columns.size and text_columns.max() < key_frame.shape[1] - 2  # nothing cut at the edge
+
+
 def test_shared_scale_compares_layers_and_per_map_scale_stretches_each() -> None:
     heat_maps = heat_stack([0.5, 1.0])
     shared = make_frames(heat_maps, hold_frames=1, fade_frames=0, shared_scale=True)

@@ -62,10 +62,15 @@ def layer_frames(
     # no full-resolution copy of L maps is ever made.
     small_maps = np.stack([_resize_heat(heat_map, small_image.size) for heat_map in heat_maps])
     value_range = finite_range(small_maps) if shared_scale else None
+    font = ImageFont.load_default(size=max(10, small_image.width // 28))
+    text_width = small_image.width - font.size  # half a character of margin on each side
+    label_lines = [_wrap_label(f"{label} · word: {word}", font, text_width) for label in layer_labels]
+    # Every frame gets a bar of the same height: the encoder needs one frame size.
+    line_count = max(len(lines) for lines in label_lines)
     key_frames = [
-        _labelled_overlay(small_image, small_map, f"{label} · word: {word}", alpha, colormap,
-                          value_range)
-        for small_map, label in zip(small_maps, layer_labels, strict=True)
+        _add_label_bar(overlay_heatmap(small_image, small_map, alpha=alpha, colormap=colormap,
+                                       value_range=value_range), lines, line_count, font)
+        for small_map, lines in zip(small_maps, label_lines, strict=True)
     ]
     return _hold_and_fade(key_frames, hold_frames, fade_frames)
 
@@ -92,20 +97,6 @@ def _check_layer_arguments(
         )
 
 
-def _labelled_overlay(
-    small_image: Image.Image,
-    small_map: np.ndarray,
-    label: str,
-    alpha: float,
-    colormap: str,
-    value_range: tuple[float, float] | None,
-) -> np.ndarray:
-    """Overlay one (h, w) map on the downscaled image and put a label bar above it."""
-    overlay = overlay_heatmap(small_image, small_map, alpha=alpha, colormap=colormap,
-                              value_range=value_range)
-    return _add_label_bar(overlay, label)
-
-
 def _resize_heat(heat_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an (H, W) map to size = (w, h) as float32, bilinearly; NaN spreads ~1 px."""
     as_image = Image.fromarray(heat_map.astype(np.float32))  # mode F keeps float values
@@ -114,15 +105,29 @@ def _resize_heat(heat_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(as_image)
 
 
-def _add_label_bar(image: Image.Image, label: str) -> np.ndarray:
-    """Return (h + bar, w, 3) uint8: a dark bar with white label text above the image."""
-    font_size = max(10, image.width // 28)
-    bar_height = round(font_size * 1.6)
+def _wrap_label(label: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Split label at spaces into lines no wider than width pixels (a longer word keeps a line)."""
+    lines: list[str] = []
+    for word in label.split(" "):
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _add_label_bar(
+    image: Image.Image, lines: Sequence[str], line_count: int, font: ImageFont.FreeTypeFont
+) -> np.ndarray:
+    """Return (h + bar, w, 3) uint8: a dark bar of line_count text lines above the image."""
+    line_height = round(font.size * 1.2)
+    bar_height = line_count * line_height + round(font.size * 0.4)
     framed = Image.new("RGB", (image.width, image.height + bar_height), LABEL_BACKGROUND)
     framed.paste(image, (0, bar_height))
-    font = ImageFont.load_default(size=font_size)
-    ImageDraw.Draw(framed).text((font_size // 2, bar_height // 2), label, fill=LABEL_TEXT_COLOUR,
-                                font=font, anchor="lm")
+    draw = ImageDraw.Draw(framed)
+    for index, line in enumerate(lines):
+        centre_y = round(font.size * 0.2) + index * line_height + line_height // 2
+        draw.text((font.size // 2, centre_y), line, fill=LABEL_TEXT_COLOUR, font=font, anchor="lm")
     return np.asarray(framed)
 
 
