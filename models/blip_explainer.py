@@ -29,7 +29,7 @@ METHOD_LABELS = {
     "occlusion": "Patch occlusion (drop in log p)",
 }
 # The method that measured best on the shapes benchmark (bench/faithfulness.py), shown first
-# at its last entry, the sum over all decoder layers: pointing game 0.95 there, against 0.88 to
+# at its last entry, the mean over all decoder layers: pointing game 0.95 there, against 0.88 to
 # 0.91 for any single decoder layer and 0.87 for HiResCAM's best layer.
 DEFAULT_METHOD = "cross_attention"
 # Occlusion needs one forward pass per occluded block; blocks of several patches keep
@@ -71,7 +71,7 @@ class Caption:
 
 @dataclass(frozen=True)
 class WordMaps:
-    """Relevance maps of one caption word, one per layer (for cross-attention, then their sum).
+    """Relevance maps of one caption word, one per layer (for cross-attention, then their mean).
 
     Args:
         word: the explained word.
@@ -156,14 +156,14 @@ class BlipExplainer:
         if method == "cross_attention":
             count = len(self.cross_attentions)
             per_layer = tuple(f"decoder cross-attention {index + 1}/{count}" for index in range(count))
-            return (*per_layer, f"decoder cross-attention, all {count} layers summed")
+            return (*per_layer, f"decoder cross-attention, mean of all {count} layers")
         if method == "occlusion":
             return ("image patches",)
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
     def default_layer(self, method: str) -> int:
         """Index of the map shown first: the last one, i.e. the deepest vision layer or, for
-        cross-attention, the sum over all decoder layers, which pointed best on the shapes
+        cross-attention, the mean over all decoder layers, which pointed best on the shapes
         benchmark (no single decoder layer did well on both colour and shape words)."""
         return len(self.layer_names(method)) - 1
 
@@ -324,9 +324,10 @@ class BlipExplainer:
                 self._cross_attention_map(attention, gradient, caption, word_indices)
                 for attention, gradient in zip(captured, gradients, strict=True)
             ]
-            # Every layer's cross-attention carries part of the image evidence to the word: the
-            # total over layers is the last map (see layer_names).
-            maps.append(torch.stack(maps).sum(dim=0))
+            # Every layer's cross-attention carries part of the image evidence to the word, so the
+            # last map pools them; a mean rather than a sum keeps it on the layers' scale, so a
+            # colour scale shared with the single layers still shows them.
+            maps.append(torch.stack(maps).mean(dim=0))
         return scores.detach(), torch.stack(maps, dim=1).detach()
 
     @staticmethod

@@ -121,13 +121,13 @@ def test_all_words_at_once_equal_each_word_alone(tiny_blip, caption, method):
         assert np.isfinite(maps.cam_grid).all() and (maps.cam_grid >= 0).all()
 
 
-def test_cross_attention_ends_with_the_sum_over_decoder_layers_shown_first(tiny_blip, caption):
+def test_cross_attention_ends_with_the_mean_over_decoder_layers_shown_first(tiny_blip, caption):
     (maps,) = tiny_blip.explain(random_image(11), caption, word_indices=[2], method="cross_attention")
     layer_count = len(tiny_blip.cross_attentions)
     assert maps.cam_grid.shape[0] == layer_count + 1
-    assert maps.layer_names[-1] == f"decoder cross-attention, all {layer_count} layers summed"
-    assert maps.cam_grid[:layer_count].max() > 0, "the sum of blank maps would prove nothing"
-    np.testing.assert_allclose(maps.cam_grid[-1], maps.cam_grid[:layer_count].sum(axis=0), rtol=1e-5, atol=1e-9)
+    assert maps.layer_names[-1] == f"decoder cross-attention, mean of all {layer_count} layers"
+    assert maps.cam_grid[:layer_count].max() > 0, "the mean of blank maps would prove nothing"
+    np.testing.assert_allclose(maps.cam_grid[-1], maps.cam_grid[:layer_count].mean(axis=0), rtol=1e-5, atol=1e-9)
     assert tiny_blip.default_layer("cross_attention") == layer_count
     assert tiny_blip.default_layer("hirescam") == len(tiny_blip.vision_layers) - 1
 
