@@ -260,13 +260,14 @@ def print_table(results: dict) -> None:
                 "causal_removal", "causal_word_dropped", "control_unchanged"):  # fmt: skip
         value = results[key]
         print(f"{key:22s} {'n/a' if value is None else f'{value:.3f}'}")
-    print(f"\n{'method':16s} {'layer':30s} {'PG':>6s} {'PG col':>7s} {'PG shp':>7s} {'mass':>6s} {'del AUC':>8s}")
+    width = max(len(layer_name) for layers in results["per_layer"].values() for layer_name in layers)
+    print(f"\n{'method':16s} {'layer':{width}s} {'PG':>6s} {'PG col':>7s} {'PG shp':>7s} {'mass':>6s} {'del AUC':>8s}")
     for method, layers in results["per_layer"].items():
         for layer_name, metrics in layers.items():
             cells = [metrics[key] for key in
                      ("pointing_game", "pointing_game_colour", "pointing_game_shape", "box_mass", "deletion_auc")]
             text = " ".join(f"{'-' if value is None else f'{value:.3f}':>7s}" for value in cells)
-            print(f"{method:16s} {layer_name:30s} {text}")
+            print(f"{method:16s} {layer_name:{width}s} {text}")
     for method, sanity in results["sanity"].items():
         print(f"sanity {method:16s} Spearman trained vs randomised top layers: {sanity['spearman']}")
 

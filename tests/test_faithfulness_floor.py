@@ -17,13 +17,14 @@ from utils.shapes_world import EVAL_SEEDS
 DEMO_FOLDER = Path(__file__).resolve().parents[1] / "models" / "shapes_demo"
 # Held out from training and apart from the seeds of the other demo tests.
 SEEDS = list(EVAL_SEEDS[5000:5020])
-# Measured on these 20 scenes: caption_exact 0.95, clip_top1 0.40, pointing_game 0.90 (hirescam,
-# deepest layer), causal_removal 1.00, control_unchanged 1.00; on 200 scenes 0.89, see the bench.
+# Measured on these 20 scenes: caption_exact 0.95, clip_top1 1.00, pointing_game 0.95 (mean
+# decoder cross-attention), causal_removal 1.00, control_unchanged 1.00; over 200 scenes the
+# bench measured 0.955, 0.960, 0.950, 0.994 and 1.000.
 FLOORS = {
-    "caption_exact": 0.80,
-    "clip_top1": 0.20,
-    "pointing_game": 0.80,
-    "causal_removal": 0.85,
+    "caption_exact": 0.90,
+    "clip_top1": 0.85,
+    "pointing_game": 0.85,
+    "causal_removal": 0.90,
     "control_unchanged": 0.90,
 }
 # The heatmap order must delete the word's probability clearly faster than random orders.
@@ -51,5 +52,5 @@ def test_deletion_by_the_heatmap_beats_random_order(results):
 
 def test_maps_depend_on_the_trained_weights(results):
     # Adebayo et al.: randomising the top vision layers must scramble the default map (measured
-    # Spearman about 0; 0.3 over 10 bench scenes), not leave it nearly as it was.
+    # Spearman 0.30 on these 3 scenes, 0.45 over 10 bench scenes), not leave it nearly as it was.
     assert results["sanity"][DEFAULT_METHOD]["spearman"] < HIGH_CORRELATION
