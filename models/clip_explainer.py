@@ -2,8 +2,12 @@
 
 CLIP's image embedding is read from the last layer's CLS token alone, so the last layer's
 patch tokens get exactly zero gradient: maps come from earlier layers, and asking for the
-last one is an error rather than a silently blank map. CLIP resizes the short side and
-centre-crops, so its map covers the crop only (see ``PatchGeometry.visible_box``).
+last one is an error rather than a silently blank map. The second-to-last layer's patch tokens
+reach the embedding only through the last layer's first LayerNorm (as keys and values of the
+CLS token's attention), and a LayerNorm's input gradient is orthogonal to its input, so
+gradient x activation there sums to rounding noise: its map is read from that LayerNorm's
+output instead, which is what the last layer actually attends to. CLIP resizes the short side
+and centre-crops, so its map covers the crop only (see ``PatchGeometry.visible_box``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
 from models.cam_methods import VISION_LAYER_METHODS
+from models.denormals import in_denormal_mode
 from models.hooks import capture_outputs
 from models.loading import CLIP_BASE, ProgressCallback, load_checkpoint, pick_device, resolve_model_dir
 from utils.patch_utils import PatchGeometry
@@ -68,12 +73,16 @@ class ClipExplainer:
         model: a CLIPModel, frozen, in eval mode.
         processor: its CLIPProcessor.
         device: where the model lives.
+        flush_denormals: flush denormal floats to zero in the computing thread (models.denormals).
     """
 
-    def __init__(self, model: CLIPModel, processor, device: torch.device | None = None):
+    def __init__(
+        self, model: CLIPModel, processor, device: torch.device | None = None, flush_denormals: bool = True
+    ):
         self.model = model
         self.processor = processor
         self.device = device or next(model.parameters()).device
+        self.flush_denormals = flush_denormals
         crop = processor.image_processor.crop_size
         self.geometry = PatchGeometry(
             model_size=(crop["height"], crop["width"]),
@@ -81,8 +90,10 @@ class ClipExplainer:
             resize_mode="shortest_edge_crop",
         )
         self.vision_layers = list(model.vision_model.encoder.layers)
-        # The last layer is excluded: its patch tokens never reach the embedding.
-        self.cam_layers = tuple(range(len(self.vision_layers) - 1))
+        # The last layer is excluded: its patch tokens never reach the embedding. The one
+        # before it is read after the last layer's first LayerNorm (see the module docstring).
+        self.cam_modules = [*self.vision_layers[:-2], self.vision_layers[-1].layer_norm1]
+        self.cam_layers = tuple(range(len(self.cam_modules)))
         self.default_layer = self.cam_layers[-1]
 
     @classmethod
@@ -96,10 +107,12 @@ class ClipExplainer:
         return cls(model, processor, torch_device)
 
     def layer_name(self, layer: int) -> str:
-        return f"vision layer {layer + 1}/{len(self.vision_layers)}"
+        name = f"vision layer {layer + 1}/{len(self.vision_layers)}"
+        return name if self.cam_modules[layer] in self.vision_layers else f"{name}, normalised as the next layer reads it"
 
     def _pixel_values(self, image: Image.Image) -> torch.Tensor:
-        return self.processor.image_processor(images=[image], return_tensors="pt").pixel_values.to(self.device)
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt").pixel_values
+        return pixels.to(self.device, self.model.dtype)
 
     @torch.no_grad()
     def _text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
@@ -115,6 +128,7 @@ class ClipExplainer:
         features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
         return torch.nn.functional.normalize(features, dim=-1)
 
+    @in_denormal_mode
     @torch.no_grad()
     def similarity(self, image: Image.Image, texts: Sequence[str]) -> Similarity:
         """Cosine x 100 of the image with each text, and the softmax over the texts."""
@@ -124,6 +138,7 @@ class ClipExplainer:
         probabilities = (self.model.logit_scale.exp() * cosine).softmax(dim=-1)
         return Similarity(tuple(texts), (100 * cosine).cpu().numpy(), probabilities.cpu().numpy())
 
+    @in_denormal_mode
     def explain(
         self, image: Image.Image, text: str, layer: int | None = None, method: str = DEFAULT_CLIP_METHOD
     ) -> ClipMap:
@@ -146,7 +161,7 @@ class ClipExplainer:
             raise ValueError(f"unknown method {method!r}; choose one of {CLIP_METHODS}")
         text_embedding = self._text_embeddings([text])  # (1, dim)
         pixel_values = self._pixel_values(image).requires_grad_(True)
-        with torch.enable_grad(), capture_outputs([self.vision_layers[layer]]) as captured:
+        with torch.enable_grad(), capture_outputs([self.cam_modules[layer]]) as captured:
             cosine = (self._image_embedding(pixel_values) * text_embedding).sum()
             (gradient,) = torch.autograd.grad(cosine, captured)
         cosine = cosine.detach()

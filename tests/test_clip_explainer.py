@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from models.clip_explainer import ClipExplainer
 from tests.conftest import random_image
 
 
@@ -62,3 +65,24 @@ def test_no_hook_is_left_and_no_gradient_stored(tiny_clip):
     tiny_clip.explain(random_image(5), "a cat")
     assert sum(len(module._forward_hooks) for module in tiny_clip.model.modules()) == hooks_before
     assert all(parameter.grad is None for parameter in tiny_clip.model.parameters())
+
+
+def test_default_layer_map_is_not_rounding_noise(tiny_clip):
+    """HiResCAM at the default layer computed in float32 matches float64: a map read before the
+    last layer's LayerNorm would be rounding noise (gradient orthogonal to the activation).
+
+    A real CLIP's activations dwarf LayerNorm's eps; a tiny random one's do not, and eps alone
+    then leaves a small exact residue. Shrinking eps puts the tiny model in the real regime.
+    """
+    model = copy.deepcopy(tiny_clip.model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-12
+    single_clip = ClipExplainer(model, tiny_clip.processor, tiny_clip.device)
+    double_clip = ClipExplainer(copy.deepcopy(model).double(), tiny_clip.processor, tiny_clip.device)
+    for seed in (6, 7, 8):
+        image = random_image(seed)
+        single = single_clip.explain(image, "a red dog", method="hirescam").cam_grid.ravel()
+        double = double_clip.explain(image, "a red dog", method="hirescam").cam_grid.ravel()
+        assert double.max() > 1e-4
+        assert np.corrcoef(single, double)[0, 1] >= 0.999
