@@ -108,7 +108,9 @@ class ClipExplainer:
 
     def layer_name(self, layer: int) -> str:
         name = f"vision layer {layer + 1}/{len(self.vision_layers)}"
-        return name if self.cam_modules[layer] in self.vision_layers else f"{name}, normalised as the next layer reads it"
+        if self.cam_modules[layer] in self.vision_layers:
+            return name
+        return f"{name}, normalised as the next layer reads it"
 
     def _pixel_values(self, image: Image.Image) -> torch.Tensor:
         pixels = self.processor.image_processor(images=[image], return_tensors="pt").pixel_values

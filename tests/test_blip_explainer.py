@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from models.blip_explainer import BlipExplainer
 from models.cam_methods import hires_cam
 from models.hooks import capture_outputs
+from models.loading import torch_threads
 from tests.conftest import random_image
 from tests.tiny_models import BOS_ID, SEP_ID, VOCABULARY
 
@@ -222,3 +224,47 @@ def test_deepest_vision_map_is_not_blank(tiny_blip, caption):
         score = logits[0, 1].log_softmax(-1)[CAPTION_IDS[2]]
         (gradient,) = torch.autograd.grad(score, captured)
     assert hires_cam(captured[0][0, 1:], gradient[0, 1:]).abs().max() < 1e-6
+
+
+def surviving_denormals() -> float:
+    """Share of denormal results that survive an elementwise product big enough for torch to
+    split across its intra-op threads: 1e-30 x 1e-10 is below float32's smallest normal number
+    (1.2e-38), so it becomes zero exactly where flushing is on."""
+    product = torch.full((1 << 20,), 1e-30) * 1e-10
+    return (product != 0).float().mean().item()
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU cannot flush denormals")
+def test_a_fresh_thread_flushes_denormals_in_all_its_workers_while_it_explains(tiny_blip, caption):
+    """The flag belongs to each CPU thread: every Streamlit session has a thread of its own, and
+    each of those has its own intra-op worker threads, created with the state it had then."""
+    seen: dict[str, float] = {}
+
+    def record(module, inputs, output) -> None:
+        seen["during_forward"] = surviving_denormals()
+
+    def work() -> None:
+        with torch_threads(2):
+            seen["before"] = surviving_denormals()  # creates the workers, without flushing
+            handle = tiny_blip.model.vision_model.encoder.layers[0].register_forward_hook(record)
+            try:
+                tiny_blip.explain(random_image(20), caption, [1])
+            finally:
+                handle.remove()
+
+    torch.set_flush_denormal(False)  # new threads inherit the creating thread's state
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == {"before": 1.0, "during_forward": 0.0}
+
+
+@pytest.mark.parametrize("method", ["hirescam", "cross_attention", "occlusion"])
+def test_flushing_denormals_keeps_maps_within_float32_rounding(tiny_blip, caption, method):
+    unflushed = BlipExplainer(tiny_blip.model, tiny_blip.processor, tiny_blip.device, flush_denormals=False)
+    image = random_image(21)
+    for flushed_maps, plain_maps in zip(
+        tiny_blip.explain(image, caption, method=method), unflushed.explain(image, caption, method=method), strict=True
+    ):
+        assert flushed_maps.score == pytest.approx(plain_maps.score, abs=1e-6)
+        np.testing.assert_allclose(flushed_maps.cam_grid, plain_maps.cam_grid, rtol=1e-5, atol=1e-10)
