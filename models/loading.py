@@ -3,7 +3,8 @@
 Every source ends up as a local folder that ``from_pretrained`` reads with safetensors only
 and without remote code. A folder or hub repository that has only PyTorch ``.bin`` weights is
 read once by torch's restricted ``weights_only`` unpickler (tensors and plain containers, never
-code) and converted to safetensors in a cache folder. A hub id is
+code) and converted to safetensors in a cache folder; a hub repository without safetensors is
+first looked for in the hub's own safetensors conversion (a ``refs/pr/N`` revision). A hub id is
 looked up in the local cache first; only when it is not cached is the hub probed, with a short
 timeout, because transformers alone retries an unreachable hub for minutes before it gives up.
 """
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -26,7 +28,7 @@ from typing import Literal
 
 import huggingface_hub
 import torch
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import save_file
 
 Component = Literal["blip", "clip"]
@@ -42,9 +44,14 @@ HUB_PROBE_TIMEOUT_S = 3.0
 COMPANION_PATTERNS = ["*.json", "*.txt", "*.model"]
 # Only what from_pretrained needs for a safetensors checkpoint and its processor.
 HUB_FILE_PATTERNS = [*COMPANION_PATTERNS, "*.safetensors"]
+# A main branch without safetensors: its PyTorch state dict, to be converted (never TF or Flax weights).
+HUB_BIN_PATTERNS = [*COMPANION_PATTERNS, "pytorch_model*.bin"]
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 CONVERTED_WEIGHTS = "model.safetensors"
+# How transformers (safetensors_conversion.py) recognises the hub's own conversion of a repository.
+CONVERSION_PR_TITLE = "Adding `safetensors` variant of this model"
+CONVERSION_BOT = "SFconvertbot"
 
 
 @dataclass(frozen=True)
@@ -279,15 +286,12 @@ def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _hub_snapshot(repo_id: str, on_progress: ProgressCallback | None) -> Path:
     """The cached snapshot of ``repo_id``, downloading it first when the hub is reachable."""
     try:
-        return Path(
-            huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=HUB_FILE_PATTERNS, local_files_only=True
-            )
-        )
-    except LocalEntryNotFoundError:
-        pass
+        huggingface_hub.utils.validate_repo_id(repo_id)
     except ValueError as error:  # Not a valid repo id, and not a folder either.
         raise ModelUnavailableError(f"{repo_id!r} is neither a local folder nor a hub model id.") from error
+    cached = _cached_hub_folder(repo_id)
+    if cached is not None:
+        return _checked_folder(cached)
     if hub_is_offline():
         raise ModelUnavailableError(
             f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set."
@@ -298,15 +302,128 @@ def _hub_snapshot(repo_id: str, on_progress: ProgressCallback | None) -> Path:
             f"within {HUB_PROBE_TIMEOUT_S:.0f} s."
         )
     try:
-        return Path(
-            huggingface_hub.snapshot_download(
-                repo_id,
-                allow_patterns=HUB_FILE_PATTERNS,
-                tqdm_class=_progress_tqdm(on_progress) if on_progress else None,
-            )
-        )
+        folder = _downloaded_hub_folder(repo_id, on_progress)
     except Exception as error:  # The hub raises many types; the user needs one message.
         raise ModelUnavailableError(f"Downloading {repo_id} failed: {error}") from error
+    return _checked_folder(folder)
+
+
+def _cached_hub_folder(repo_id: str) -> Path | None:
+    """A cached snapshot of ``repo_id`` that holds weights, found without the network; None when there is none.
+
+    Looked for in order: main with safetensors, the hub's safetensors conversion downloaded
+    before, main with a PyTorch state dict (converted by the caller).
+    """
+    for revision in ("main", _recorded_conversion(repo_id)):
+        folder = _cached_snapshot(repo_id, revision, HUB_FILE_PATTERNS) if revision else None
+        if folder is not None and any(folder.glob("*.safetensors")):
+            return folder
+    folder = _cached_snapshot(repo_id, "main", HUB_BIN_PATTERNS)
+    return folder if folder is not None and _has_bin_weights(folder) else None
+
+
+def _cached_snapshot(repo_id: str, revision: str, patterns: list[str]) -> Path | None:
+    """The complete cached snapshot of ``repo_id`` at ``revision`` for ``patterns``, or None."""
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, local_files_only=True
+            )
+        )
+    except LocalEntryNotFoundError:
+        return None
+
+
+def _downloaded_hub_folder(repo_id: str, on_progress: ProgressCallback | None) -> Path:
+    """Download safetensors from main, else from the hub's safetensors conversion, else main's PyTorch state dict."""
+    api = huggingface_hub.HfApi()
+    if _has_top_level_safetensors(api.list_repo_files(repo_id)):
+        return _download(repo_id, "main", HUB_FILE_PATTERNS, on_progress)
+    conversion = _conversion_revision(api, repo_id)
+    if conversion is None:
+        return _download(repo_id, "main", HUB_BIN_PATTERNS, on_progress)
+    folder = _download(repo_id, conversion, HUB_FILE_PATTERNS, on_progress)
+    _record_conversion(repo_id, conversion)
+    return folder
+
+
+def _download(repo_id: str, revision: str, patterns: list[str], on_progress: ProgressCallback | None) -> Path:
+    """Download (or complete) the snapshot of ``repo_id`` at ``revision``, only the files ``patterns`` match."""
+    return Path(
+        huggingface_hub.snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns,
+            tqdm_class=_progress_tqdm(on_progress) if on_progress else None,
+        )
+    )
+
+
+def _has_top_level_safetensors(file_names: list[str]) -> bool:
+    """Whether a repository listing has safetensors weights where from_pretrained reads them."""
+    return any(name.endswith(".safetensors") and "/" not in name for name in file_names)
+
+
+def _conversion_revision(api: huggingface_hub.HfApi, repo_id: str) -> str | None:
+    """The ``refs/pr/N`` revision holding the hub's safetensors conversion of main, or None.
+
+    Found as transformers' ``safetensors_conversion.previous_pr`` finds it: an open pull request
+    with the conversion title, opened by the conversion bot (anyone else's could hold other
+    weights), whose parent is main's head (so it converts today's weights, not older ones).
+    """
+    main_head = api.list_repo_commits(repo_id)[0].commit_id
+    try:
+        pulls = list(
+            api.get_repo_discussions(
+                repo_id, author=CONVERSION_BOT, discussion_type="pull_request", discussion_status="open"
+            )
+        )
+    except HfHubHTTPError:  # A repository may switch discussions off: then it has no conversion.
+        return None
+    for pull in pulls:
+        if _is_current_conversion(api, repo_id, pull, main_head):
+            return pull.git_reference
+    return None
+
+
+def _is_current_conversion(
+    api: huggingface_hub.HfApi, repo_id: str, pull: huggingface_hub.Discussion, main_head: str
+) -> bool:
+    """Whether a discussion is the conversion bot's open pull request of main's head with safetensors in it."""
+    if not (
+        pull.is_pull_request
+        and pull.status == "open"
+        and pull.author == CONVERSION_BOT
+        and pull.title == CONVERSION_PR_TITLE
+    ):
+        return False
+    commits = api.list_repo_commits(repo_id, revision=pull.git_reference)
+    return (
+        len(commits) > 1
+        and commits[1].commit_id == main_head
+        and _has_top_level_safetensors(api.list_repo_files(repo_id, revision=pull.git_reference))
+    )
+
+
+def _conversion_record(repo_id: str) -> Path:
+    """The file that remembers which revision holds ``repo_id``'s safetensors conversion, for offline starts."""
+    return _cache_root() / "hub-conversions" / repo_id.replace("/", "--")
+
+
+def _recorded_conversion(repo_id: str) -> str | None:
+    """The conversion revision recorded for ``repo_id`` by an earlier download, or None."""
+    record = _conversion_record(repo_id)
+    revision = record.read_text().strip() if record.is_file() else ""
+    return revision if re.fullmatch(r"refs/pr/\d+", revision) else None
+
+
+def _record_conversion(repo_id: str, revision: str) -> None:
+    """Remember ``revision`` for ``repo_id``; written whole (temporary file, then rename)."""
+    record = _conversion_record(repo_id)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=record.parent, delete=False) as temporary:
+        temporary.write(revision)
+    os.replace(temporary.name, record)
 
 
 def _progress_tqdm(on_progress: ProgressCallback):

@@ -7,15 +7,22 @@ import os
 import shutil
 import socket
 import time
+from types import SimpleNamespace
 
+import httpx2
+import huggingface_hub
 import pytest
 import torch
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+from models import loading
 from models.blip_explainer import BlipExplainer
-from models.loading import ModelUnavailableError, resolve_model_dir
+from models.loading import HUB_BIN_PATTERNS, HUB_FILE_PATTERNS, ModelUnavailableError, resolve_model_dir
 from tests.tiny_models import BOS_ID, IMAGE_SIZE, SEP_ID, VOCABULARY
 
 NOT_CACHED = "vlm-explainer-tests/not-a-cached-model"
+BIN_ONLY_REPO = "vlm-explainer-tests/bin-only-captioner"
+CONVERSION_TITLE = "Adding `safetensors` variant of this model"
 
 
 @pytest.fixture(autouse=True)
@@ -221,3 +228,140 @@ def test_uncached_model_with_silent_hub_fails_within_five_seconds(monkeypatch):
 def test_nonsense_source_is_named_in_the_error():
     with pytest.raises(ModelUnavailableError, match="neither a local folder nor a hub model id"):
         resolve_model_dir("no such folder / with spaces", "blip")
+
+
+class FakeHub:
+    """The hub and its local cache for one repository, in memory: revision -> files, commits and snapshot folder.
+
+    Stands in for ``huggingface_hub.HfApi`` and ``snapshot_download``; a revision counts as cached
+    once it was downloaded (or when listed in ``cached``), as in the real cache.
+    """
+
+    def __init__(self, revisions: dict, pulls: list, cached: set = frozenset()):
+        self.revisions, self.pulls, self.cached = revisions, pulls, set(cached)
+        self.downloads = []
+        self.discussions_error = None
+
+    def list_repo_files(self, repo_id, revision="main"):
+        return self.revisions[revision]["files"]
+
+    def list_repo_commits(self, repo_id, revision="main"):
+        return [SimpleNamespace(commit_id=commit) for commit in self.revisions[revision]["commits"]]
+
+    def get_repo_discussions(self, repo_id, **filters):
+        if self.discussions_error is not None:
+            raise self.discussions_error
+        return iter(self.pulls)
+
+    def snapshot_download(self, repo_id, revision="main", allow_patterns=None, local_files_only=False, tqdm_class=None):
+        if local_files_only and revision not in self.cached:
+            raise LocalEntryNotFoundError(f"{repo_id}@{revision} is not cached")
+        if not local_files_only:
+            self.downloads.append((revision, allow_patterns))
+            self.cached.add(revision)
+        return str(self.revisions[revision]["folder"])
+
+
+def conversion_pull(number: int, **changes) -> SimpleNamespace:
+    """The conversion bot's open pull request, as get_repo_discussions lists it, with ``changes``."""
+    fields = dict(title=CONVERSION_TITLE, author="SFconvertbot", status="open", is_pull_request=True)
+    return SimpleNamespace(num=number, git_reference=f"refs/pr/{number}", **{**fields, **changes})
+
+
+@pytest.fixture
+def bin_only_hub(tmp_path, tiny_blip, tiny_blip_dir, monkeypatch):
+    """A reachable hub whose repository has only pytorch_model.bin on main and a current conversion as refs/pr/3."""
+    bin_folder = bin_checkpoint(tiny_blip_dir, tiny_blip.model.state_dict(), tmp_path / "main-snapshot")
+    hub = FakeHub(
+        revisions={
+            "main": {
+                "files": ["config.json", "pytorch_model.bin", "tf_model.h5"],
+                "commits": ["c2", "c1"],
+                "folder": bin_folder,
+            },
+            "refs/pr/3": {
+                "files": ["config.json", "pytorch_model.bin", "model.safetensors"],
+                "commits": ["p3", "c2", "c1"],
+                "folder": tiny_blip_dir,
+            },
+        },
+        pulls=[conversion_pull(3)],
+    )
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "hub_is_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    return hub
+
+
+def switch_the_hub_off(monkeypatch):
+    """From here on any look-up on the hub fails the test: only the local cache may answer."""
+
+    def no_hub():
+        raise AssertionError("the hub was asked although the model is cached")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "HfApi", no_hub)
+
+
+def test_hub_repo_without_safetensors_loads_its_conversion_pull_request(
+    bin_only_hub, tiny_blip_dir, conversion_cache, monkeypatch
+):
+    assert resolve_model_dir(BIN_ONLY_REPO, "blip") == tiny_blip_dir
+    assert bin_only_hub.downloads == [("refs/pr/3", HUB_FILE_PATTERNS)]
+    assert not (conversion_cache / "converted").exists()
+
+    switch_the_hub_off(monkeypatch)  # The next start is offline: the conversion is found in the cache.
+    assert resolve_model_dir(BIN_ONLY_REPO, "blip") == tiny_blip_dir
+    assert len(bin_only_hub.downloads) == 1
+
+
+@pytest.mark.parametrize(
+    "pull_changes",
+    [{"author": "someone-else"}, {"status": "closed"}, {"title": "Add safetensors"}, {"stale": True}, None],
+    ids=["not-the-bot", "closed", "other-title", "older-than-main", "no-pull-requests"],
+)
+def test_hub_repo_without_a_usable_conversion_loads_its_bin_converted(
+    bin_only_hub, tiny_blip, conversion_cache, monkeypatch, pull_changes
+):
+    if pull_changes is None:
+        bin_only_hub.pulls = []
+    elif pull_changes == {"stale": True}:  # Converted before main's last commit: it may hold older weights.
+        bin_only_hub.revisions["refs/pr/3"]["commits"] = ["p3", "c1"]
+    else:
+        bin_only_hub.pulls = [conversion_pull(3, **pull_changes)]
+
+    folder = resolve_model_dir(BIN_ONLY_REPO, "blip")
+
+    assert bin_only_hub.downloads == [("main", HUB_BIN_PATTERNS)]
+    assert folder.parent == conversion_cache / "converted"
+    explainer = BlipExplainer.from_pretrained(BIN_ONLY_REPO, device="cpu")
+    assert torch.equal(decoder_logits(explainer.model), decoder_logits(tiny_blip.model))
+
+    switch_the_hub_off(monkeypatch)  # The next start is offline: the cached .bin and its conversion serve.
+    assert resolve_model_dir(BIN_ONLY_REPO, "blip") == folder
+
+
+def test_hub_repo_with_discussions_switched_off_loads_its_bin_converted(bin_only_hub, conversion_cache):
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/x/discussions")
+    bin_only_hub.discussions_error = HfHubHTTPError(
+        "discussions disabled", response=httpx2.Response(403, request=request)
+    )
+    assert resolve_model_dir(BIN_ONLY_REPO, "blip").parent == conversion_cache / "converted"
+    assert bin_only_hub.downloads == [("main", HUB_BIN_PATTERNS)]
+
+
+def test_hub_repo_with_safetensors_on_main_downloads_main_only(bin_only_hub, tiny_blip_dir):
+    bin_only_hub.revisions["main"].update(files=["config.json", "model.safetensors"], folder=tiny_blip_dir)
+    bin_only_hub.discussions_error = AssertionError("pull requests are not looked at when main has safetensors")
+    assert resolve_model_dir(BIN_ONLY_REPO, "blip") == tiny_blip_dir
+    assert bin_only_hub.downloads == [("main", HUB_FILE_PATTERNS)]
+
+
+def test_cached_hub_snapshot_is_used_without_asking_the_hub(bin_only_hub, tiny_blip_dir, monkeypatch):
+    bin_only_hub.revisions["main"]["folder"] = tiny_blip_dir
+    bin_only_hub.cached.add("main")
+    monkeypatch.setattr(loading, "hub_is_reachable", lambda: pytest.fail("the hub was probed for a cached model"))
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: pytest.fail("the hub was asked for a cached model"))
+    assert resolve_model_dir(BIN_ONLY_REPO, "blip") == tiny_blip_dir
+    assert bin_only_hub.downloads == []
