@@ -1,14 +1,23 @@
 """Where model weights come from: the bundled demo, a local folder, or the Hugging Face hub.
 
 Every source ends up as a local folder that ``from_pretrained`` reads with safetensors only
-and without remote code. A hub id is looked up in the local cache first; only when it is not
-cached is the hub probed, with a short timeout, because transformers alone retries an
-unreachable hub for minutes before it gives up.
+and without remote code. A folder or hub repository that has only PyTorch ``.bin`` weights is
+read once by torch's restricted ``weights_only`` unpickler (tensors and plain containers, never
+code) and converted to safetensors in a cache folder; a hub repository without safetensors is
+first looked for in the hub's own safetensors conversion (a ``refs/pr/N`` revision). A hub id is
+looked up in the local cache first; only when it is not cached is the hub probed, with a short
+timeout, because transformers alone retries an unreachable hub for minutes before it gives up.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
+import re
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -19,7 +28,8 @@ from typing import Literal
 
 import huggingface_hub
 import torch
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors.torch import save_file
 
 Component = Literal["blip", "clip"]
 ProgressCallback = Callable[[int, int], None]
@@ -30,8 +40,18 @@ BLIP_BASE = "Salesforce/blip-image-captioning-base"
 BLIP_LARGE = "Salesforce/blip-image-captioning-large"
 CLIP_BASE = "openai/clip-vit-base-patch32"
 HUB_PROBE_TIMEOUT_S = 3.0
+# Config, processor and tokenizer files: everything a checkpoint needs besides its weights.
+COMPANION_PATTERNS = ["*.json", "*.txt", "*.model"]
 # Only what from_pretrained needs for a safetensors checkpoint and its processor.
-HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+HUB_FILE_PATTERNS = [*COMPANION_PATTERNS, "*.safetensors"]
+# A main branch without safetensors: its PyTorch state dict, to be converted (never TF or Flax weights).
+HUB_BIN_PATTERNS = [*COMPANION_PATTERNS, "pytorch_model*.bin"]
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+CONVERTED_WEIGHTS = "model.safetensors"
+# How transformers (safetensors_conversion.py) recognises the hub's own conversion of a repository.
+CONVERSION_PR_TITLE = "Adding `safetensors` variant of this model"
+CONVERSION_BOT = "SFconvertbot"
 
 
 @dataclass(frozen=True)
@@ -122,8 +142,8 @@ def resolve_model_dir(
         component: which bundled demo model "shapes-demo" means ("blip" or "clip").
         on_progress: called with (files done, files total) while a hub download runs.
     Raises:
-        ModelUnavailableError: the folder is missing or incomplete, or the hub id is neither
-            cached nor downloadable.
+        ModelUnavailableError: the folder is missing or incomplete, its weights are refused, or the
+            hub id is neither cached nor downloadable.
     """
     if source == SHAPES_DEMO:
         return _checked_folder(SHAPES_DEMO_DIR / component)
@@ -133,29 +153,145 @@ def resolve_model_dir(
 
 
 def _checked_folder(folder: Path) -> Path:
-    """The folder itself, once it is known to hold a config and safetensors weights."""
+    """A folder with a config and safetensors weights: ``folder`` itself, or its PyTorch weights converted."""
     if not (folder / "config.json").is_file():
         raise ModelUnavailableError(f"The model folder {folder} has no config.json.")
-    if not any(folder.glob("*.safetensors")):
+    if any(folder.glob("*.safetensors")):
+        return folder
+    if _has_bin_weights(folder):
+        return _converted_folder(folder)
+    raise ModelUnavailableError(
+        f"The model folder {folder} has neither .safetensors nor PyTorch .bin weights "
+        "(TensorFlow, Flax and other formats are not read)."
+    )
+
+
+def _has_bin_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds a PyTorch checkpoint, single-file or sharded."""
+    return (folder / BIN_WEIGHTS).is_file() or (folder / BIN_INDEX).is_file()
+
+
+def _cache_root() -> Path:
+    """$VLM_EXPLAINER_CACHE, else ~/.cache/vlm-explainer: never the model's own folder, which may be read-only."""
+    return Path(os.environ.get("VLM_EXPLAINER_CACHE") or Path.home() / ".cache" / "vlm-explainer").expanduser()
+
+
+def _converted_folder(folder: Path) -> Path:
+    """A cache folder with ``folder``'s PyTorch weights as one safetensors file, converted on first use only."""
+    shards = _bin_shards(folder)
+    companions = _companion_files(folder)
+    target = _cache_root() / "converted" / _fingerprint([*shards, *companions])
+    if target.is_dir():  # Conversions are renamed into place whole: a folder there is complete.
+        return target
+    state_dict = {}
+    for shard in shards:
+        state_dict.update(_read_state_dict(shard))
+    try:
+        _write_converted(target, state_dict, companions)
+    except OSError as error:
         raise ModelUnavailableError(
-            f"The model folder {folder} has no .safetensors weights "
-            "(other weight formats are refused because they can run code when loaded)."
-        )
-    return folder
+            f"The weights of {folder} could not be converted into {target.parent} ({error}); "
+            "set VLM_EXPLAINER_CACHE to a writable folder."
+        ) from error
+    return target
+
+
+def _bin_shards(folder: Path) -> list[Path]:
+    """The PyTorch weight files of ``folder``: the shards its index names, or the single pytorch_model.bin."""
+    index = folder / BIN_INDEX
+    if not index.is_file():
+        return [folder / BIN_WEIGHTS]
+    try:
+        names = sorted({str(name) for name in json.loads(index.read_text())["weight_map"].values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelUnavailableError(f"The weight index {index} could not be read ({error}).") from error
+    # An index may only name files beside it: a path elsewhere is no part of this checkpoint.
+    missing = [name for name in names if Path(name).name != name or not (folder / name).is_file()]
+    if not names or missing:
+        raise ModelUnavailableError(f"The weight index {index} names shards that are not in {folder}: {missing}.")
+    return [folder / name for name in names]
+
+
+def _companion_files(folder: Path) -> list[Path]:
+    """Config, processor and tokenizer files of ``folder``, without the index of .bin shards that are not copied."""
+    found = {path for pattern in COMPANION_PATTERNS for path in folder.glob(pattern) if path.is_file()}
+    return sorted(path for path in found if path.name != BIN_INDEX)
+
+
+def _fingerprint(files: list[Path]) -> str:
+    """A cache key that changes when any file is replaced or edited: resolved path, size and modification time."""
+    stats = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The named tensors in a PyTorch .bin file, read by torch's restricted ``weights_only`` unpickler.
+
+    That unpickler builds tensors and plain containers only; a pickle that asks for anything else
+    (such as a function to call, which is how a pickle runs code) is refused before it runs.
+    """
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own message is a page of advice; the line that names the refused item is its context.
+        detail = str(error.__context__ or error).strip().splitlines()[0]
+        raise ModelUnavailableError(
+            f"The weights {path} are refused: they are not plain tensors, and loading them any other way "
+            f"could run code ({detail})."
+        ) from error
+    except Exception as error:  # A truncated or foreign file: torch raises RuntimeError, EOFError, OSError ...
+        raise ModelUnavailableError(f"The weights {path} are not a readable PyTorch checkpoint ({error}).") from error
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state_dict.items()
+    ):
+        raise ModelUnavailableError(f"The weights {path} are refused: they are not a state dict of named tensors.")
+    return state_dict
+
+
+def _write_converted(target: Path, state_dict: dict[str, torch.Tensor], companions: list[Path]) -> None:
+    """Write a safetensors checkpoint folder beside ``target`` and rename it into place.
+
+    The rename is atomic, so no session ever reads half a checkpoint; when another session
+    finished the same conversion first, its folder is kept and this one dropped.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(_unshared(state_dict), staging / CONVERTED_WEIGHTS, metadata={"format": "pt"})
+        for companion in companions:
+            shutil.copyfile(companion, staging / companion.name)
+        staging.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors, contiguous and each with its own memory.
+
+    safetensors refuses tensors that share storage, which tied weights do (BLIP's decoder output
+    and word embeddings): every tensor after the first on a storage is copied.
+    """
+    seen_storages = set()
+    unshared = {}
+    for name, tensor in state_dict.items():
+        storage = tensor.untyped_storage().data_ptr()
+        unshared[name] = tensor.clone().contiguous() if storage in seen_storages else tensor.contiguous()
+        seen_storages.add(storage)
+    return unshared
 
 
 def _hub_snapshot(repo_id: str, on_progress: ProgressCallback | None) -> Path:
     """The cached snapshot of ``repo_id``, downloading it first when the hub is reachable."""
     try:
-        return Path(
-            huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=HUB_FILE_PATTERNS, local_files_only=True
-            )
-        )
-    except LocalEntryNotFoundError:
-        pass
+        huggingface_hub.utils.validate_repo_id(repo_id)
     except ValueError as error:  # Not a valid repo id, and not a folder either.
         raise ModelUnavailableError(f"{repo_id!r} is neither a local folder nor a hub model id.") from error
+    cached = _cached_hub_folder(repo_id)
+    if cached is not None:
+        return _checked_folder(cached)
     if hub_is_offline():
         raise ModelUnavailableError(
             f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set."
@@ -166,15 +302,128 @@ def _hub_snapshot(repo_id: str, on_progress: ProgressCallback | None) -> Path:
             f"within {HUB_PROBE_TIMEOUT_S:.0f} s."
         )
     try:
-        return Path(
-            huggingface_hub.snapshot_download(
-                repo_id,
-                allow_patterns=HUB_FILE_PATTERNS,
-                tqdm_class=_progress_tqdm(on_progress) if on_progress else None,
-            )
-        )
+        folder = _downloaded_hub_folder(repo_id, on_progress)
     except Exception as error:  # The hub raises many types; the user needs one message.
         raise ModelUnavailableError(f"Downloading {repo_id} failed: {error}") from error
+    return _checked_folder(folder)
+
+
+def _cached_hub_folder(repo_id: str) -> Path | None:
+    """A cached snapshot of ``repo_id`` that holds weights, found without the network; None when there is none.
+
+    Looked for in order: main with safetensors, the hub's safetensors conversion downloaded
+    before, main with a PyTorch state dict (converted by the caller).
+    """
+    for revision in ("main", _recorded_conversion(repo_id)):
+        folder = _cached_snapshot(repo_id, revision, HUB_FILE_PATTERNS) if revision else None
+        if folder is not None and any(folder.glob("*.safetensors")):
+            return folder
+    folder = _cached_snapshot(repo_id, "main", HUB_BIN_PATTERNS)
+    return folder if folder is not None and _has_bin_weights(folder) else None
+
+
+def _cached_snapshot(repo_id: str, revision: str, patterns: list[str]) -> Path | None:
+    """The complete cached snapshot of ``repo_id`` at ``revision`` for ``patterns``, or None."""
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, local_files_only=True
+            )
+        )
+    except LocalEntryNotFoundError:
+        return None
+
+
+def _downloaded_hub_folder(repo_id: str, on_progress: ProgressCallback | None) -> Path:
+    """Download safetensors from main, else from the hub's safetensors conversion, else main's PyTorch state dict."""
+    api = huggingface_hub.HfApi()
+    if _has_top_level_safetensors(api.list_repo_files(repo_id)):
+        return _download(repo_id, "main", HUB_FILE_PATTERNS, on_progress)
+    conversion = _conversion_revision(api, repo_id)
+    if conversion is None:
+        return _download(repo_id, "main", HUB_BIN_PATTERNS, on_progress)
+    folder = _download(repo_id, conversion, HUB_FILE_PATTERNS, on_progress)
+    _record_conversion(repo_id, conversion)
+    return folder
+
+
+def _download(repo_id: str, revision: str, patterns: list[str], on_progress: ProgressCallback | None) -> Path:
+    """Download (or complete) the snapshot of ``repo_id`` at ``revision``, only the files ``patterns`` match."""
+    return Path(
+        huggingface_hub.snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns,
+            tqdm_class=_progress_tqdm(on_progress) if on_progress else None,
+        )
+    )
+
+
+def _has_top_level_safetensors(file_names: list[str]) -> bool:
+    """Whether a repository listing has safetensors weights where from_pretrained reads them."""
+    return any(name.endswith(".safetensors") and "/" not in name for name in file_names)
+
+
+def _conversion_revision(api: huggingface_hub.HfApi, repo_id: str) -> str | None:
+    """The ``refs/pr/N`` revision holding the hub's safetensors conversion of main, or None.
+
+    Found as transformers' ``safetensors_conversion.previous_pr`` finds it: an open pull request
+    with the conversion title, opened by the conversion bot (anyone else's could hold other
+    weights), whose parent is main's head (so it converts today's weights, not older ones).
+    """
+    main_head = api.list_repo_commits(repo_id)[0].commit_id
+    try:
+        pulls = list(
+            api.get_repo_discussions(
+                repo_id, author=CONVERSION_BOT, discussion_type="pull_request", discussion_status="open"
+            )
+        )
+    except HfHubHTTPError:  # A repository may switch discussions off: then it has no conversion.
+        return None
+    for pull in pulls:
+        if _is_current_conversion(api, repo_id, pull, main_head):
+            return pull.git_reference
+    return None
+
+
+def _is_current_conversion(
+    api: huggingface_hub.HfApi, repo_id: str, pull: huggingface_hub.Discussion, main_head: str
+) -> bool:
+    """Whether a discussion is the conversion bot's open pull request of main's head with safetensors in it."""
+    if not (
+        pull.is_pull_request
+        and pull.status == "open"
+        and pull.author == CONVERSION_BOT
+        and pull.title == CONVERSION_PR_TITLE
+    ):
+        return False
+    commits = api.list_repo_commits(repo_id, revision=pull.git_reference)
+    return (
+        len(commits) > 1
+        and commits[1].commit_id == main_head
+        and _has_top_level_safetensors(api.list_repo_files(repo_id, revision=pull.git_reference))
+    )
+
+
+def _conversion_record(repo_id: str) -> Path:
+    """The file that remembers which revision holds ``repo_id``'s safetensors conversion, for offline starts."""
+    return _cache_root() / "hub-conversions" / repo_id.replace("/", "--")
+
+
+def _recorded_conversion(repo_id: str) -> str | None:
+    """The conversion revision recorded for ``repo_id`` by an earlier download, or None."""
+    record = _conversion_record(repo_id)
+    revision = record.read_text().strip() if record.is_file() else ""
+    return revision if re.fullmatch(r"refs/pr/\d+", revision) else None
+
+
+def _record_conversion(repo_id: str, revision: str) -> None:
+    """Remember ``revision`` for ``repo_id``; written whole (temporary file, then rename)."""
+    record = _conversion_record(repo_id)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=record.parent, delete=False) as temporary:
+        temporary.write(revision)
+    os.replace(temporary.name, record)
 
 
 def _progress_tqdm(on_progress: ProgressCallback):
