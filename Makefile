@@ -5,10 +5,11 @@ PORT ?= 8501
 
 .PHONY: setup run test lint bench chromium
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	$(PYTHON) -m pip install --quiet --no-deps --editable .
 	touch $@
 
 setup: $(VENV)/.installed

@@ -20,24 +20,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from models.analysis import caption_word_reader, word_scorer
-from models.blip_explainer import DEFAULT_METHOD, METHODS, BlipExplainer, Caption
+from models.evaluation import ImageScores, MapScores, MeasureSettings, measure_image
+from models.explainer import Caption, CaptionerExplainer
+from models.families import load_captioner
 from models.loading import ModelUnavailableError, torch_threads
 from utils.image_utils import ImageLoadError, load_image
-from utils.metrics import (
-    RANDOM_ORDERS,
-    box_mass,
-    curves_by_order,
-    find_removal_region,
-    finite_mean,
-    patch_order,
-    pointing_game,
-    random_curve,
-)
+from utils.metrics import RANDOM_ORDERS, finite_mean
 from utils.patch_utils import FILL_MODES, Box
+from utils.plots import mean_curves_figure, pointing_game_figure
 
 STOP_WORDS = frozenset({
     "a", "an", "the", "and", "or", "of", "on", "in", "at", "to", "with", "by", "for", "from", "is", "are",
@@ -61,6 +53,7 @@ CSV_COLUMNS = (
     "removal_share", "pointing_game", "box_mass",
 )  # fmt: skip
 NUMERIC_COLUMNS = CSV_COLUMNS[5:]
+FIGURE_DPI = 100
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -70,7 +63,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     parser.add_argument("--annotations", type=Path, help="COCO-format JSON with boxes for the pointing game")
     parser.add_argument("--words", nargs="+", help="evaluate only these caption words (default: content words)")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
+    parser.add_argument("--method", help="an explanation method of the model's family (default: the family's)")
     parser.add_argument("--layer", default="default", help='1-based layer, "default", "last" or "all"')
     parser.add_argument("--fill", default="mean", choices=FILL_MODES, help="what masked patches become")
     parser.add_argument("--steps", type=int, help="curve steps (default: min(patches, 32))")
@@ -126,7 +119,7 @@ def chosen_layers(layer: str, layer_names: Sequence[str], default_layer: int) ->
 
 
 def evaluate_image(
-    explainer: BlipExplainer,
+    explainer: CaptionerExplainer,
     image,
     image_name: str,
     categories: Sequence[str],
@@ -138,53 +131,48 @@ def evaluate_image(
     indices = selected_word_indices(caption, arguments.words)
     if not indices:
         return [], []
-    geometry = explainer.geometry
-    curve_options = dict(fill=arguments.fill, steps=arguments.steps, seed=0)
-    all_words = word_scorer(explainer, caption, indices)
-    # One random baseline per direction serves every word: the masked images do not depend on it.
-    random_deletion, random_insertion = (
-        random_curve(image, geometry, all_words, direction=direction, random_orders=arguments.random_orders,
-                     **curve_options)
-        for direction in ("deletion", "insertion")
-    )  # fmt: skip
-    maps = explainer.explain(image, caption, indices, arguments.method)
-    layers = chosen_layers(arguments.layer, maps[0].layer_names, explainer.default_layer(arguments.method))
-    rows, curves = [], []
-    for slot, (index, word_maps) in enumerate(zip(indices, maps, strict=True)):
-        word = caption.words[index].text
-        category = category_of(word, categories)
-        word_boxes = boxes.get(category, []) if category else []
-        one_word = word_scorer(explainer, caption, [index])
-        for layer in layers:
-            cam_grid = word_maps.cam_grid[layer]
-            order = [patch_order(cam_grid)]
-            (deletion,) = curves_by_order(image, geometry, order, one_word, direction="deletion", **curve_options)
-            (insertion,) = curves_by_order(image, geometry, order, one_word, direction="insertion", **curve_options)
-            region = find_removal_region(
-                image, geometry, cam_grid, word, caption_word_reader(explainer), fill=arguments.fill
-            )
-            rows.append({
-                "image": image_name, "word": word, "category": category or "",
-                "layer": word_maps.layer_names[layer], "method": arguments.method,
-                "probability": math.exp(word_maps.score),
-                "deletion_auc": float(deletion.auc[0]), "insertion_auc": float(insertion.auc[0]),
-                "random_deletion_auc": float(random_deletion.auc[slot]),
-                "random_insertion_auc": float(random_insertion.auc[slot]),
-                "deletion_log_p_auc": float(deletion.log_p_auc[0]),
-                "k_to_remove": region.patch_count, "removed": int(region.removed),
-                "removal_share": region.image_share,
-                "pointing_game": pointing_game(cam_grid, geometry, image.size, word_boxes) if word_boxes else "",
-                "box_mass": box_mass(cam_grid, geometry, image.size, word_boxes) if word_boxes else "",
-            })  # fmt: skip
-            curves.append({
-                "image": image_name, "word": word, "layer": word_maps.layer_names[layer],
-                "fractions": deletion.fractions.tolist(),
-                "deletion": deletion.relative_scores[:, 0].tolist(),
-                "insertion": insertion.relative_scores[:, 0].tolist(),
-                "random_deletion": random_deletion.relative_scores[:, slot].tolist(),
-                "random_insertion": random_insertion.relative_scores[:, slot].tolist(),
-            })  # fmt: skip
+    word_categories = [category_of(caption.words[index].text, categories) for index in indices]
+    word_boxes = [boxes.get(category, []) if category else [] for category in word_categories]
+    layers = chosen_layers(
+        arguments.layer, explainer.layer_names(arguments.method), explainer.default_layer(arguments.method)
+    )
+    settings = MeasureSettings(
+        fill=arguments.fill, steps=arguments.steps, random_orders=arguments.random_orders, insertion=True, removal=True
+    )
+    scores = measure_image(explainer, image, caption, indices, word_boxes, [arguments.method], settings, layers)
+    rows = [csv_row(image_name, word_categories[map_scores.slot], map_scores, scores) for map_scores in scores.maps]
+    curves = [curve_record(image_name, map_scores, scores) for map_scores in scores.maps]
     return rows, curves
+
+
+def csv_row(image_name: str, category: str | None, map_scores: MapScores, scores: ImageScores) -> dict:
+    """One CSV row: a word's map at one layer (pointing game and box mass blank without boxes)."""
+    region, slot = map_scores.removal, map_scores.slot
+    return {
+        "image": image_name, "word": map_scores.word, "category": category or "",
+        "layer": map_scores.layer_name, "method": map_scores.method,
+        "probability": math.exp(map_scores.score),
+        "deletion_auc": float(map_scores.deletion.auc), "insertion_auc": float(map_scores.insertion.auc),
+        "random_deletion_auc": float(scores.random_deletion.auc[slot]),
+        "random_insertion_auc": float(scores.random_insertion.auc[slot]),
+        "deletion_log_p_auc": float(map_scores.deletion.log_p_auc),
+        "k_to_remove": region.patch_count, "removed": int(region.removed), "removal_share": region.image_share,
+        "pointing_game": "" if map_scores.pointing_game is None else map_scores.pointing_game,
+        "box_mass": "" if map_scores.box_mass is None else map_scores.box_mass,
+    }  # fmt: skip
+
+
+def curve_record(image_name: str, map_scores: MapScores, scores: ImageScores) -> dict:
+    """One line of curves.jsonl: a word's curves at one layer beside its random baselines (p / p(unmasked))."""
+    slot = map_scores.slot
+    return {
+        "image": image_name, "word": map_scores.word, "layer": map_scores.layer_name,
+        "fractions": map_scores.deletion.fractions.tolist(),
+        "deletion": map_scores.deletion.relative_scores.tolist(),
+        "insertion": map_scores.insertion.relative_scores.tolist(),
+        "random_deletion": scores.random_deletion.relative_scores[:, slot].tolist(),
+        "random_insertion": scores.random_insertion.relative_scores[:, slot].tolist(),
+    }  # fmt: skip
 
 
 def read_rows(csv_path: Path) -> list[dict]:
@@ -239,52 +227,6 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
-def plot_curves(curve_records: list[dict], path: Path) -> None:
-    """Mean deletion and insertion curves of the heatmap (per layer) against random orders."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(1, 2, figsize=(10, 4))
-    fractions = curve_records[0]["fractions"]
-    records = [record for record in curve_records if record["fractions"] == fractions]
-    for axis, direction in zip(axes, ("deletion", "insertion"), strict=True):
-        for layer in sorted({record["layer"] for record in records}):
-            mean = np.mean([record[direction] for record in records if record["layer"] == layer], axis=0)
-            axis.plot(fractions, mean, label=f"heatmap, {layer}")
-        axis.plot(fractions, np.mean([record[f"random_{direction}"] for record in records], axis=0),
-                  "k--", label="random order")  # fmt: skip
-        axis.set(title=f"{direction} ({len(records)} curves)", xlabel="share of patches " +
-                 ("masked" if direction == "deletion" else "restored"), ylabel="p / p(unmasked image)")  # fmt: skip
-        axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
-
-
-def plot_pointing_game(summary: dict, path: Path) -> None:
-    """Bar chart of the pointing game per category, one group of bars per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axis = pyplot.subplots(figsize=(8, 4))
-    layers = summary["per_layer"]
-    width = 0.8 / len(layers)
-    for slot, (layer, metrics) in enumerate(layers.items()):
-        by_category = {name: value for name, value in metrics["pointing_game_by_category"].items() if value is not None}
-        positions = np.arange(len(by_category)) + slot * width
-        axis.bar(positions, list(by_category.values()), width, label=layer)
-        axis.set_xticks(positions, list(by_category))
-    axis.set(ylim=(0, 1), ylabel="pointing game (hit rate)", title="Pointing game per category")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
-
-
 def image_files(folder: Path) -> list[Path]:
     """Every non-hidden file under ``folder``, sorted; the loader decides what is an image."""
     return sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
@@ -303,9 +245,13 @@ def evaluate_folder(arguments: argparse.Namespace, argv: Sequence[str] | None) -
     arguments.out.mkdir(parents=True, exist_ok=True)
     categories, boxes_by_image = load_annotations(arguments.annotations)
     try:
-        explainer = BlipExplainer.from_pretrained(arguments.model, device=arguments.device)
+        explainer = load_captioner(arguments.model, device=arguments.device)
     except ModelUnavailableError as error:
         print(error, file=sys.stderr)
+        return 2
+    arguments.method = arguments.method or explainer.default_method
+    if arguments.method not in explainer.methods:
+        print(f"--method must be one of {', '.join(explainer.methods)} for this model", file=sys.stderr)
         return 2
     done = {row["image"] for row in read_rows(arguments.out / CSV_NAME)}
     skipped, resumed = [], 0
@@ -338,9 +284,10 @@ def evaluate_folder(arguments: argparse.Namespace, argv: Sequence[str] | None) -
     (arguments.out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     curve_path = arguments.out / CURVES_NAME
     if curve_path.is_file():
-        plot_curves([json.loads(line) for line in curve_path.read_text().splitlines()], arguments.out / "curves.png")
+        records = [json.loads(line) for line in curve_path.read_text().splitlines()]
+        mean_curves_figure(records).savefig(arguments.out / "curves.png", dpi=FIGURE_DPI)
     if any(metrics["pointing_game_by_category"] for metrics in summary["per_layer"].values()):
-        plot_pointing_game(summary, arguments.out / "pointing_game.png")
+        pointing_game_figure(summary["per_layer"]).savefig(arguments.out / "pointing_game.png", dpi=FIGURE_DPI)
     print(f"{len(rows)} words from {summary['images_evaluated']} images, {len(skipped)} skipped; "
           f"results in {arguments.out}{os.sep}")  # fmt: skip
     return 0

@@ -15,7 +15,6 @@ import json
 import platform
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,14 +24,11 @@ from PIL import Image
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.blip_explainer import BlipExplainer  # noqa: E402
-from models.denormals import set_flush_denormal_everywhere  # noqa: E402
-from models.hooks import capture_outputs  # noqa: E402
-from utils.image_utils import overlay_heatmap  # noqa: E402
-from utils.patch_utils import cam_grids_to_image  # noqa: E402
-from utils.video_utils import encode_mp4, layer_frames  # noqa: E402
+from models.blip_explainer import BlipExplainer
+from models.denormals import set_flush_denormal_everywhere
+from models.hooks import capture_outputs
+from utils.image_utils import overlay_heatmap
+from utils.video_utils import encode_mp4, layer_frames
 
 
 def build_blip_base_architecture(flush_denormals: bool = True) -> BlipExplainer:
@@ -92,13 +88,13 @@ def first_heatmap(explainer: BlipExplainer, image: Image.Image, caption, word: i
     at least what the default method (gradient x cross-attention, decoder only) costs.
     """
     (maps,) = explainer.explain(image, caption, [word], method="gradcam")
-    heat = cam_grids_to_image(maps.cam_grid, explainer.geometry, image.size)
+    heat = explainer.image_geometry(image.size).cams_to_image(maps.cam_patches)
     return overlay_heatmap(image, heat[explainer.default_layer(maps.method)])
 
 
-def encode_layer_video(explainer: BlipExplainer, image: Image.Image, cam_grid: np.ndarray) -> bytes:
+def encode_layer_video(explainer: BlipExplainer, image: Image.Image, cam_patches: np.ndarray) -> bytes:
     """The app's video: every layer's overlay held, cross-faded, encoded as H.264."""
-    heat_maps = cam_grids_to_image(cam_grid, explainer.geometry, image.size)
+    heat_maps = explainer.image_geometry(image.size).cams_to_image(cam_patches)
     labels = explainer.layer_names("gradcam")
     frames = layer_frames(image, heat_maps, labels, "word", alpha=0.5, colormap="jet", hold_frames=12, fade_frames=6)
     return encode_mp4(frames, fps=12)
@@ -136,7 +132,7 @@ def main() -> None:
             "naive_all_layers_one_word_s": lambda: naive_all_layers(explainer, image, token_ids, position),
             "all_words_all_layers_s": lambda: explainer.explain(image, caption, method="gradcam"),
             "caption_s": lambda: explainer.caption(image, max_new_tokens=20),
-            "video_encode_s": lambda: encode_layer_video(explainer, image, maps.cam_grid),
+            "video_encode_s": lambda: encode_layer_video(explainer, image, maps.cam_patches),
         },
         arguments.repeats,
     )
@@ -155,7 +151,8 @@ def main() -> None:
     results["setup"] = {
         "model": "BlipConfig() defaults, random weights",
         "parameters_m": sum(parameter.numel() for parameter in explainer.model.parameters()) / 1e6,
-        "image_size": explainer.geometry.model_size,
+        "grid": explainer.grid_shape,
+        "patch_size": explainer.patch_size,
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
         "denormals_flushed": explainer.flush_denormals,

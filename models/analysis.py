@@ -6,15 +6,13 @@ explainers, so it can be tested without a browser.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
-from models.blip_explainer import BlipExplainer, Caption, WordMaps
+from models.explainer import Caption, CaptionerExplainer, Decoding, WordMaps
 from utils.caption_diff import DiffToken, removed_words, word_diff
 from utils.metrics import (
     CaptionWords,
@@ -29,15 +27,6 @@ from utils.metrics import (
     rank_layers,
 )
 from utils.patch_utils import Box, Colour, FillMode, mask_boxes
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How captions are generated: optional prompt, length limit, beam width (1 = greedy)."""
-
-    prompt: str = ""
-    max_new_tokens: int = 30
-    num_beams: int = 1
 
 
 @dataclass(frozen=True)
@@ -62,24 +51,24 @@ class MaskedCaption:
     log_prob_change: np.ndarray
 
 
-def caption_image(blip: BlipExplainer, image: Image.Image, decoding: Decoding) -> Caption:
+def caption_image(captioner: CaptionerExplainer, image: Image.Image, decoding: Decoding) -> Caption:
     """Caption an image with the given decoding options."""
-    return blip.caption(image, decoding.prompt, decoding.max_new_tokens, decoding.num_beams)
+    return captioner.caption(image, decoding.prompt, decoding.max_new_tokens, decoding.num_beams)
 
 
-def word_log_probs(blip: BlipExplainer, images: Sequence[Image.Image], caption: Caption) -> np.ndarray:
+def word_log_probs(captioner: CaptionerExplainer, images: Sequence[Image.Image], caption: Caption) -> np.ndarray:
     """(images, words) teacher-forced log p of each caption word (its pieces summed) per image."""
-    token_log_probs = blip.token_log_probs(images, caption.token_ids)
+    token_log_probs = captioner.token_log_probs(images, caption.token_ids)
     return np.stack([token_log_probs[:, word.start : word.end].sum(axis=1) for word in caption.words], axis=1)
 
 
-def word_probabilities(blip: BlipExplainer, image: Image.Image, caption: Caption) -> np.ndarray:
+def word_probabilities(captioner: CaptionerExplainer, image: Image.Image, caption: Caption) -> np.ndarray:
     """(words,) probability of each caption word given the image (its pieces' product)."""
-    return np.exp(word_log_probs(blip, [image], caption)[0])
+    return np.exp(word_log_probs(captioner, [image], caption)[0])
 
 
 def mask_and_recaption(
-    blip: BlipExplainer,
+    captioner: CaptionerExplainer,
     image: Image.Image,
     caption: Caption,
     boxes_image: Sequence[Box],
@@ -89,10 +78,10 @@ def mask_and_recaption(
     """Mask the boxes, caption the result again and measure what changed."""
     masked_image = mask_boxes(image, boxes_image, fill)
     mask_image = mask_boxes(Image.new("RGB", image.size), boxes_image, (255, 255, 255)).convert("L")
-    new_caption = caption_image(blip, masked_image, decoding)
+    new_caption = caption_image(captioner, masked_image, decoding)
     before = [word.text for word in caption.words]
     after = [word.text for word in new_caption.words]
-    log_probs = word_log_probs(blip, [image, masked_image], caption)
+    log_probs = word_log_probs(captioner, [image, masked_image], caption)
     return MaskedCaption(
         masked_image=masked_image,
         mask_image=mask_image,
@@ -103,15 +92,15 @@ def mask_and_recaption(
     )
 
 
-def word_scorer(blip: BlipExplainer, caption: Caption, word_indices: Sequence[int]) -> ScoreImages:
+def word_scorer(captioner: CaptionerExplainer, caption: Caption, word_indices: Sequence[int]) -> ScoreImages:
     """Score function for metrics: images -> (images, words) teacher-forced log p of the given words."""
     indices = list(word_indices)
-    return lambda images: word_log_probs(blip, images, caption)[:, indices]
+    return lambda images: word_log_probs(captioner, images, caption)[:, indices]
 
 
-def caption_word_reader(blip: BlipExplainer, decoding: Decoding = Decoding()) -> CaptionWords:
+def caption_word_reader(captioner: CaptionerExplainer, decoding: Decoding = Decoding()) -> CaptionWords:
     """Function for metrics: image -> the words of its new caption."""
-    return lambda image: [word.text for word in caption_image(blip, image, decoding).words]
+    return lambda image: [word.text for word in caption_image(captioner, image, decoding).words]
 
 
 @dataclass(frozen=True)
@@ -124,7 +113,7 @@ class WordFaithfulness:
 
 
 def measure_word(
-    blip: BlipExplainer,
+    captioner: CaptionerExplainer,
     image: Image.Image,
     caption: Caption,
     word_index: int,
@@ -138,43 +127,26 @@ def measure_word(
 
     Masked images are scored in batches (one forward pass per chunk), not one pass per step.
     """
-    one_word = word_scorer(blip, caption, [word_index])
+    one_word = word_scorer(captioner, caption, [word_index])
 
     def score(images: list[Image.Image]) -> np.ndarray:  # (images,): one target keeps AUCs scalar
         return one_word(images)[:, 0]
 
+    geometry = captioner.image_geometry(image.size)
     return WordFaithfulness(
-        curves=measure_curves(image, blip.geometry, maps.cam_grid[layer], score, fill=fill, steps=steps),
-        layers=rank_layers(image, blip.geometry, maps.cam_grid, score, maps.layer_names, fill=fill, steps=steps),
+        curves=measure_curves(image, geometry, maps.cam_patches[layer], score, fill=fill, steps=steps),
+        layers=rank_layers(image, geometry, maps.cam_patches, score, maps.layer_names, fill=fill, steps=steps),
         removal=find_removal_region(
-            image, blip.geometry, maps.cam_grid[layer], maps.word, caption_word_reader(blip, decoding), fill=fill
+            image, geometry, maps.cam_patches[layer], maps.word, caption_word_reader(captioner, decoding), fill=fill
         ),
     )
 
 
-def randomised_copy(explainer: BlipExplainer, top_layers: int, seed: int) -> BlipExplainer:
-    """The explainer on a deep copy of its model whose top vision layers have random weights.
-
-    Cascading model randomisation (Adebayo et al., 2018). Each parameter of the top
-    ``top_layers`` vision layers is redrawn from a normal with the trained tensor's mean and
-    spread, so activations keep their scale but lose what was learnt. The shared model is
-    never touched.
-    """
-    model = copy.deepcopy(explainer.model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.vision_model.encoder.layers[-top_layers:]:
-            for parameter in layer.parameters():
-                noise = torch.randn(parameter.shape, generator=generator).to(parameter.device)
-                parameter.copy_(parameter.mean() + parameter.std(correction=0) * noise)
-    return BlipExplainer(model, explainer.processor, explainer.device)
-
-
 def sanity_check(
-    blip: BlipExplainer, image: Image.Image, caption: Caption, word_index: int, method: str, layer: int,
+    captioner: CaptionerExplainer, image: Image.Image, caption: Caption, word_index: int, method: str, layer: int,
     top_layers: int = 2, seed: int = 0,
 ) -> SanityCheck:
     """Rank correlation of a word's map before and after re-randomising the top vision layers."""
-    (before,) = blip.explain(image, caption, [word_index], method)
-    (after,) = randomised_copy(blip, top_layers, seed).explain(image, caption, [word_index], method)
-    return compare_maps(before.cam_grid[layer], after.cam_grid[layer])
+    (before,) = captioner.explain(image, caption, [word_index], method)
+    (after,) = captioner.randomised_copy(top_layers, seed).explain(image, caption, [word_index], method)
+    return compare_maps(before.cam_patches[layer], after.cam_patches[layer])

@@ -7,7 +7,7 @@ reach the embedding only through the last layer's first LayerNorm (as keys and v
 CLS token's attention), and a LayerNorm's input gradient is orthogonal to its input, so
 gradient x activation there sums to rounding noise: its map is read from that LayerNorm's
 output instead, which is what the last layer actually attends to. CLIP resizes the short side
-and centre-crops, so its map covers the crop only (see ``PatchGeometry.visible_box``).
+and centre-crops, so its map covers the crop only (see ``utils.patch_utils.centre_crop_geometry``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from transformers import AutoProcessor, CLIPModel
 from models.cam_methods import VISION_LAYER_METHODS
 from models.denormals import in_denormal_mode
 from models.hooks import capture_outputs
-from models.loading import CLIP_BASE, ProgressCallback, load_checkpoint, pick_device, resolve_model_dir
-from utils.patch_utils import PatchGeometry
+from models.loading import CLIP_BASE, ProgressCallback, load_explainer
+from utils.patch_utils import ImageGeometry, centre_crop_geometry
 
 CLIP_METHODS: tuple[str, ...] = ("gradcam", "hirescam")
 DEFAULT_CLIP_METHOD = "gradcam"
@@ -54,7 +54,7 @@ class ClipMap:
         method: key of CLIP_METHODS.
         layer: 0-based vision layer index.
         layer_name: its label.
-        cam_grid: (rows, columns) float32 relevance on CLIP's patch grid (the centre crop), >= 0.
+        cam_patches: (patches,) float32 relevance of CLIP's patches (of the centre crop), >= 0.
         cosine_x100: the explained score.
     """
 
@@ -62,7 +62,7 @@ class ClipMap:
     method: str
     layer: int
     layer_name: str
-    cam_grid: np.ndarray
+    cam_patches: np.ndarray
     cosine_x100: float
 
 
@@ -76,6 +76,10 @@ class ClipExplainer:
         flush_denormals: flush denormal floats to zero in the computing thread (models.denormals).
     """
 
+    model_class = CLIPModel
+    processor_class = AutoProcessor
+    demo_component = "clip"
+
     def __init__(
         self, model: CLIPModel, processor, device: torch.device | None = None, flush_denormals: bool = True
     ):
@@ -84,11 +88,8 @@ class ClipExplainer:
         self.device = device or next(model.parameters()).device
         self.flush_denormals = flush_denormals
         crop = processor.image_processor.crop_size
-        self.geometry = PatchGeometry(
-            model_size=(crop["height"], crop["width"]),
-            patch_size=model.config.vision_config.patch_size,
-            resize_mode="shortest_edge_crop",
-        )
+        self.crop_size = (crop["height"], crop["width"])
+        self.patch_size = model.config.vision_config.patch_size
         self.vision_layers = list(model.vision_model.encoder.layers)
         # The last layer is excluded: its patch tokens never reach the embedding. The one
         # before it is read after the last layer's first LayerNorm (see the module docstring).
@@ -101,10 +102,11 @@ class ClipExplainer:
         cls, source: str = CLIP_BASE, device: str = "auto", on_progress: ProgressCallback | None = None
     ) -> ClipExplainer:
         """Load from a hub id, a local folder or "shapes-demo" (see models.loading)."""
-        folder = resolve_model_dir(source, "clip", on_progress)
-        torch_device = pick_device(device)
-        model, processor = load_checkpoint(CLIPModel, AutoProcessor, folder, torch_device)
-        return cls(model, processor, torch_device)
+        return load_explainer(cls, source, device, on_progress)
+
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """Where CLIP's patches lie on an image of (width, height): its centre crop."""
+        return centre_crop_geometry(image_size, self.crop_size, self.patch_size)
 
     def layer_name(self, layer: int) -> str:
         name = f"vision layer {layer + 1}/{len(self.vision_layers)}"
@@ -169,5 +171,5 @@ class ClipExplainer:
         cosine = cosine.detach()
         activation = captured[0]
         cam_tokens = VISION_LAYER_METHODS[method](activation[0, 1:], gradient[0, 1:])  # drop CLS
-        cam_grid = cam_tokens.reshape(self.geometry.grid_shape).detach().float().cpu().numpy()
-        return ClipMap(text, method, layer, self.layer_name(layer), cam_grid, 100 * cosine.item())
+        cam_patches = cam_tokens.detach().float().cpu().numpy()
+        return ClipMap(text, method, layer, self.layer_name(layer), cam_patches, 100 * cosine.item())

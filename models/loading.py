@@ -59,14 +59,14 @@ class ModelChoice:
     """A captioner and the CLIP that checks it, as offered in the app's model menu."""
 
     label: str
-    blip_source: str
+    captioner_source: str
     clip_source: str
 
 
 SHAPES_DEMO_CHOICE = ModelChoice("Shapes demo (bundled, offline)", SHAPES_DEMO, SHAPES_DEMO)
 
 
-def model_choices(local_blip_dir: str | None = None, local_clip_dir: str | None = None) -> list[ModelChoice]:
+def model_choices(local_captioner_dir: str | None = None, local_clip_dir: str | None = None) -> list[ModelChoice]:
     """The model menu, most capable first. A local folder comes from server-side configuration
     only (an environment variable or a command-line flag), never from the browser."""
     choices = [
@@ -74,15 +74,17 @@ def model_choices(local_blip_dir: str | None = None, local_clip_dir: str | None 
         ModelChoice("BLIP large + CLIP B/32", BLIP_LARGE, CLIP_BASE),
         SHAPES_DEMO_CHOICE,
     ]
-    if local_blip_dir:
-        label = f"Local folder: {Path(local_blip_dir).name}"
-        choices.append(ModelChoice(label, local_blip_dir, local_clip_dir or CLIP_BASE))
+    if local_captioner_dir:
+        label = f"Local folder: {Path(local_captioner_dir).name}"
+        choices.append(ModelChoice(label, local_captioner_dir, local_clip_dir or CLIP_BASE))
     return choices
 
 
 def local_model_dirs(environ: Mapping[str, str] = os.environ) -> tuple[str | None, str | None]:
-    """Folders named by VLM_EXPLAINER_BLIP_DIR and VLM_EXPLAINER_CLIP_DIR, if set."""
-    return environ.get("VLM_EXPLAINER_BLIP_DIR") or None, environ.get("VLM_EXPLAINER_CLIP_DIR") or None
+    """Folders named by VLM_EXPLAINER_CAPTIONER_DIR (or its old name VLM_EXPLAINER_BLIP_DIR) and
+    VLM_EXPLAINER_CLIP_DIR, if set."""
+    captioner_dir = environ.get("VLM_EXPLAINER_CAPTIONER_DIR") or environ.get("VLM_EXPLAINER_BLIP_DIR")
+    return captioner_dir or None, environ.get("VLM_EXPLAINER_CLIP_DIR") or None
 
 
 class ModelUnavailableError(RuntimeError):
@@ -444,12 +446,55 @@ def load_checkpoint(model_class, processor_class, folder: Path, device: torch.de
 
     Parameters never require grad: explanations take gradients with respect to activations
     only, and a shared model must not accumulate ``.grad`` from any session.
+
+    Raises:
+        ModelUnavailableError: the folder cannot be read, or its weights do not fit
+            ``model_class`` (transformers would only warn, initialise the missing weights at
+            random and explain a random model without a word).
     """
     try:
-        model = model_class.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+        model, loading_info = model_class.from_pretrained(
+            folder, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+        )
         # The PIL backend gives the same pixels on every machine (torchvision may be absent).
         processor = processor_class.from_pretrained(folder, backend="pil")
     except Exception as error:  # safetensors, tokenizers and transformers each raise their own types
         raise ModelUnavailableError(f"The model in {folder} could not be loaded: {error}") from error
+    misfits = {
+        kind: sorted(loading_info.get(key) or [])
+        for kind, key in [("missing", "missing_keys"), ("unexpected", "unexpected_keys")]
+    }
+    if any(misfits.values()):
+        described = "; ".join(
+            f"{len(names)} {kind} (e.g. {', '.join(names[:3])})" for kind, names in misfits.items() if names
+        )
+        raise ModelUnavailableError(
+            f"The weights in {folder} do not fit {model_class.__name__}: {described}. "
+            "It is probably a different kind of model; nothing was explained with random weights."
+        )
     model.requires_grad_(False)
     return model.eval().to(device), processor
+
+
+def load_explainer(explainer_class, source: str, device: str = "auto", on_progress: ProgressCallback | None = None):
+    """An explainer of ``explainer_class`` on the checkpoint that ``source`` names.
+
+    The class declares ``model_class``, ``processor_class`` and ``demo_component`` (which
+    bundled demo "shapes-demo" means for it), and is built from (model, processor, device).
+    """
+    folder = resolve_model_dir(source, explainer_class.demo_component, on_progress)
+    return explainer_from_folder(explainer_class, folder, pick_device(device))
+
+
+def explainer_from_folder(explainer_class, folder: Path, device: torch.device):
+    """An explainer of ``explainer_class`` on the checkpoint in a resolved local folder."""
+    model, processor = load_checkpoint(explainer_class.model_class, explainer_class.processor_class, folder, device)
+    return explainer_class(model, processor, device)
+
+
+def model_type_of(folder: Path) -> str:
+    """The ``model_type`` that a checkpoint folder's config.json declares ("" if none)."""
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelUnavailableError(f"The config.json in {folder} cannot be read: {error}") from error

@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils.shapes_world import EVAL_SEEDS, generate_scene
 
-from utils.shapes_world import EVAL_SEEDS, generate_scene  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Seeds from the held-out range, chosen to show scenes with 0, 1, 2 and 3 objects.
 EXAMPLE_SEEDS = (EVAL_SEEDS[-1], EVAL_SEEDS[-2], EVAL_SEEDS[-3], EVAL_SEEDS[-4], EVAL_SEEDS[-5], EVAL_SEEDS[-6])

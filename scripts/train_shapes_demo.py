@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from PIL import Image
+from torch import nn
 from torch.nn import functional
 from transformers import (
     AutoProcessor,
@@ -34,9 +36,7 @@ from transformers import (
     CLIPProcessor,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.shapes_world import (  # after sys.path: the repository root must be importable
+from utils.shapes_world import (
     EVAL_SEEDS,
     TRAIN_SEED_START,
     VOCABULARY_WORDS,
@@ -279,42 +279,102 @@ def caption_accuracy(model, processor, seeds) -> float:
     return float(np.mean([caption == scene.caption for caption, scene in zip(captions, scenes, strict=True)]))
 
 
-def train_blip(
-    arguments, tokenizer: BertTokenizer, processor: BlipProcessor
-) -> tuple[BlipForConditionalGeneration, dict]:
-    """Train the captioner for --blip-steps steps; returns the model and its training log."""
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What differs between training the captioner and the dual encoder; ``train_model`` does the rest.
+
+    Args:
+        name: the model's name in logs, the report and the output folder ("blip" or "clip").
+        build: tokenizer -> a freshly initialised model.
+        processor: its processor (tokenizer and image processor).
+        steps: optimiser steps, one batch of BATCH_SIZE scenes each.
+        seed_start: first scene seed of the model's own block of training seeds.
+        batch_loss: (model, tokenizer, pixel_values (B, 3, H, W), scene seeds, scenes) -> loss.
+        held_out_label: what ``held_out_score`` measures, for the progress line.
+        held_out_score: (model, processor, scene seeds) -> a score from 0 to 1.
+    """
+
+    name: str
+    build: Callable[[BertTokenizer], nn.Module]
+    processor: BlipProcessor | CLIPProcessor
+    steps: int
+    seed_start: int
+    batch_loss: Callable[[nn.Module, BertTokenizer, torch.Tensor, range, list[Scene]], torch.Tensor]
+    held_out_label: str
+    held_out_score: Callable[[nn.Module, object, Sequence[int]], float]
+
+
+def training_plans(
+    arguments: argparse.Namespace, blip_processor: BlipProcessor, clip_processor: CLIPProcessor
+) -> list[TrainingPlan]:
+    """The captioner's and the dual encoder's plans, in training order."""
+    return [
+        TrainingPlan("blip", build_blip, blip_processor, arguments.blip_steps, BLIP_SEED_START, caption_batch_loss,
+                     "held-out exact", caption_accuracy),
+        TrainingPlan("clip", build_clip, clip_processor, arguments.clip_steps, CLIP_SEED_START, contrastive_batch_loss,
+                     f"held-out top-1 of {CLIP_CANDIDATES}", clip_top1),
+    ]  # fmt: skip
+
+
+def train_model(plan: TrainingPlan, arguments: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """Train one model from TORCH_SEED on its block of scene seeds; returns the model and its training log."""
     torch.manual_seed(TORCH_SEED)
-    model = build_blip(tokenizer).to(arguments.device)
+    tokenizer = plan.processor.tokenizer
+    model = plan.build(tokenizer).to(arguments.device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=arguments.learning_rate, weight_decay=0.01)
     started = time.time()
-    for step in range(arguments.blip_steps):
+    for step in range(plan.steps):
         model.train()
-        seeds = range(BLIP_SEED_START + step * BATCH_SIZE, BLIP_SEED_START + (step + 1) * BATCH_SIZE)
+        seeds = range(plan.seed_start + step * BATCH_SIZE, plan.seed_start + (step + 1) * BATCH_SIZE)
         scenes = [training_scene(seed) for seed in seeds]
-        pixel_values = normalise_images([scene.image for scene in scenes], processor.image_processor)
-        batch = encode_captions(tokenizer, [scene.caption for scene in scenes], tokenizer.bos_token_id)
-        pixel_values, batch = pixel_values.to(arguments.device), batch.to(arguments.device)
-        loss = optimise_step(model, optimiser, caption_loss(model, pixel_values, batch), step, arguments)
-        if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == arguments.blip_steps:
-            accuracy = caption_accuracy(model, processor, EVAL_SEEDS[-PROGRESS_EVAL_SCENES:])
+        pixel_values = normalise_images([scene.image for scene in scenes], plan.processor.image_processor)
+        loss = plan.batch_loss(model, tokenizer, pixel_values.to(arguments.device), seeds, scenes)
+        learning_rate = learning_rate_at(step, plan.steps, arguments.learning_rate)
+        loss = optimise_step(model, optimiser, loss, learning_rate)
+        if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == plan.steps:
+            score = plan.held_out_score(model, plan.processor, EVAL_SEEDS[-PROGRESS_EVAL_SCENES:])
             print(
-                f"blip step {step + 1} loss {loss:.4f} elapsed {time.time() - started:.0f}s "
-                f"held-out exact {accuracy:.2f}",
+                f"{plan.name} step {step + 1} loss {loss:.4f} elapsed {time.time() - started:.0f}s "
+                f"{plan.held_out_label} {score:.2f}",
                 flush=True,
             )
-    return model, {"steps": arguments.blip_steps, "wall_seconds": round(time.time() - started, 1)}
+    return model, {"steps": plan.steps, "wall_seconds": round(time.time() - started, 1)}
 
 
-def optimise_step(model, optimiser, loss: torch.Tensor, step: int, arguments) -> float:
-    """One AdamW step with the scheduled learning rate and gradient clipping; returns the loss."""
-    total_steps = arguments.blip_steps if isinstance(model, BlipForConditionalGeneration) else arguments.clip_steps
+def optimise_step(model: nn.Module, optimiser, loss: torch.Tensor, learning_rate: float) -> float:
+    """One AdamW step at ``learning_rate`` with gradient clipping; returns the loss."""
     for group in optimiser.param_groups:
-        group["lr"] = learning_rate_at(step, total_steps, arguments.learning_rate)
+        group["lr"] = learning_rate
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimiser.step()
     return loss.item()
+
+
+def caption_batch_loss(
+    model: BlipForConditionalGeneration,
+    tokenizer: BertTokenizer,
+    pixel_values: torch.Tensor,
+    seeds: range,
+    scenes: list[Scene],
+) -> torch.Tensor:
+    """The captioner's loss on a batch: each scene's true caption, starting with the BOS id as generate() does."""
+    batch = encode_captions(tokenizer, [scene.caption for scene in scenes], tokenizer.bos_token_id)
+    return caption_loss(model, pixel_values, batch.to(pixel_values.device))
+
+
+def contrastive_batch_loss(
+    model: CLIPModel, tokenizer: BertTokenizer, pixel_values: torch.Tensor, seeds: range, scenes: list[Scene]
+) -> torch.Tensor:
+    """The dual encoder's loss on a batch: true captions, then CLIP_HARD_NEGATIVES distractors per scene."""
+    negatives = [
+        text
+        for seed, scene in zip(seeds, scenes, strict=True)
+        for text in caption_distractors(scene, CLIP_HARD_NEGATIVES, np.random.default_rng([seed, 2]))
+    ]
+    batch = encode_captions(tokenizer, [scene.caption for scene in scenes] + negatives)
+    return contrastive_loss(model, pixel_values, batch.to(pixel_values.device), len(scenes))
 
 
 def contrastive_loss(model: CLIPModel, pixel_values: torch.Tensor, batch, batch_size: int) -> torch.Tensor:
@@ -332,36 +392,6 @@ def contrastive_loss(model: CLIPModel, pixel_values: torch.Tensor, batch, batch_
     text_logits = scale * text_embeds[:batch_size] @ image_embeds.T  # (B, B)
     targets = torch.arange(batch_size, device=image_embeds.device)
     return 0.5 * (functional.cross_entropy(image_logits, targets) + functional.cross_entropy(text_logits, targets))
-
-
-def train_clip(arguments, tokenizer: BertTokenizer, processor: CLIPProcessor) -> tuple[CLIPModel, dict]:
-    """Train the dual encoder for --clip-steps steps; returns the model and its training log."""
-    torch.manual_seed(TORCH_SEED)
-    model = build_clip(tokenizer).to(arguments.device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=arguments.learning_rate, weight_decay=0.01)
-    started = time.time()
-    for step in range(arguments.clip_steps):
-        model.train()
-        seeds = range(CLIP_SEED_START + step * BATCH_SIZE, CLIP_SEED_START + (step + 1) * BATCH_SIZE)
-        scenes = [training_scene(seed) for seed in seeds]
-        negatives = [
-            text
-            for seed, scene in zip(seeds, scenes, strict=True)
-            for text in caption_distractors(scene, CLIP_HARD_NEGATIVES, np.random.default_rng([seed, 2]))
-        ]
-        pixel_values = normalise_images([scene.image for scene in scenes], processor.image_processor)
-        batch = encode_captions(tokenizer, [scene.caption for scene in scenes] + negatives)
-        pixel_values, batch = pixel_values.to(arguments.device), batch.to(arguments.device)
-        loss = contrastive_loss(model, pixel_values, batch, len(scenes))
-        loss = optimise_step(model, optimiser, loss, step, arguments)
-        if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == arguments.clip_steps:
-            accuracy = clip_top1(model, processor, EVAL_SEEDS[-PROGRESS_EVAL_SCENES:])
-            print(
-                f"clip step {step + 1} loss {loss:.4f} elapsed {time.time() - started:.0f}s "
-                f"held-out top-1 of {CLIP_CANDIDATES} {accuracy:.2f}",
-                flush=True,
-            )
-    return model, {"steps": arguments.clip_steps, "wall_seconds": round(time.time() - started, 1)}
 
 
 @torch.no_grad()
@@ -422,14 +452,11 @@ def main() -> None:
     report_path = arguments.out / "training_report.json"
     # Each model trains from its own torch seed and seed block, so one can be retrained alone.
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    if arguments.only in ("both", "blip"):
-        blip, blip_log = train_blip(arguments, blip_processor.tokenizer, blip_processor)
-        save_and_reload(blip, blip_processor, arguments.out / "blip", BlipForConditionalGeneration)
-        report["blip"] = {**blip_log, "seed_start": BLIP_SEED_START, "training_device": arguments.device}
-    if arguments.only in ("both", "clip"):
-        clip, clip_log = train_clip(arguments, clip_processor.tokenizer, clip_processor)
-        save_and_reload(clip, clip_processor, arguments.out / "clip", CLIPModel)
-        report["clip"] = {**clip_log, "seed_start": CLIP_SEED_START, "training_device": arguments.device}
+    for plan in training_plans(arguments, blip_processor, clip_processor):
+        if arguments.only in ("both", plan.name):
+            model, log = train_model(plan, arguments)
+            save_and_reload(model, plan.processor, arguments.out / plan.name, type(model))
+            report[plan.name] = {**log, "seed_start": plan.seed_start, "training_device": arguments.device}
     report.update(evaluate_saved(arguments.out, EVAL_SEEDS[: arguments.eval_scenes], report))
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2), flush=True)

@@ -89,7 +89,6 @@ def test_all_layers_in_one_pass_equal_one_pass_per_layer(tiny_blip, caption):
     image = random_image(3)
     (maps,) = tiny_blip.explain(image, caption, word_indices=[2], method="hirescam")
     dogs = caption.words[2]
-    rows, columns = tiny_blip.geometry.grid_shape
     for layer_index, layer in enumerate(tiny_blip.vision_layers):
         captured: dict[str, torch.Tensor] = {}
         # First call only: BLIP's final LayerNorm runs again on the pooled token.
@@ -105,9 +104,9 @@ def test_all_layers_in_one_pass_equal_one_pass_per_layer(tiny_blip, caption):
                 (gradient,) = torch.autograd.grad(score, captured["output"])
         finally:
             handle.remove()
-        expected = hires_cam(captured["output"][0, 1:], gradient[0, 1:]).reshape(rows, columns)
-        np.testing.assert_allclose(maps.cam_grid[layer_index], expected.detach().numpy(), rtol=1e-4, atol=1e-9)
-    assert maps.cam_grid.shape == (len(tiny_blip.vision_layers), rows, columns)
+        expected = hires_cam(captured["output"][0, 1:], gradient[0, 1:])
+        np.testing.assert_allclose(maps.cam_patches[layer_index], expected.detach().numpy(), rtol=1e-4, atol=1e-9)
+    assert maps.cam_patches.shape == (len(tiny_blip.vision_layers), tiny_blip.image_geometry(image.size).patch_count)
 
 
 @pytest.mark.parametrize("method", ["hirescam", "gradcam", "cross_attention", "occlusion"])
@@ -118,18 +117,18 @@ def test_all_words_at_once_equal_each_word_alone(tiny_blip, caption, method):
     for index, maps in enumerate(together):
         (alone,) = tiny_blip.explain(image, caption, word_indices=[index], method=method)
         assert maps.score == pytest.approx(alone.score, abs=1e-5)
-        np.testing.assert_allclose(maps.cam_grid, alone.cam_grid, rtol=1e-4, atol=1e-9)
-        assert maps.cam_grid.shape[0] == len(tiny_blip.layer_names(method))
-        assert np.isfinite(maps.cam_grid).all() and (maps.cam_grid >= 0).all()
+        np.testing.assert_allclose(maps.cam_patches, alone.cam_patches, rtol=1e-4, atol=1e-9)
+        assert maps.cam_patches.shape[0] == len(tiny_blip.layer_names(method))
+        assert np.isfinite(maps.cam_patches).all() and (maps.cam_patches >= 0).all()
 
 
 def test_cross_attention_ends_with_the_mean_over_decoder_layers_shown_first(tiny_blip, caption):
     (maps,) = tiny_blip.explain(random_image(11), caption, word_indices=[2], method="cross_attention")
     layer_count = len(tiny_blip.cross_attentions)
-    assert maps.cam_grid.shape[0] == layer_count + 1
+    assert maps.cam_patches.shape[0] == layer_count + 1
     assert maps.layer_names[-1] == f"decoder cross-attention, mean of all {layer_count} layers"
-    assert maps.cam_grid[:layer_count].max() > 0, "the mean of blank maps would prove nothing"
-    np.testing.assert_allclose(maps.cam_grid[-1], maps.cam_grid[:layer_count].mean(axis=0), rtol=1e-5, atol=1e-9)
+    assert maps.cam_patches[:layer_count].max() > 0, "the mean of blank maps would prove nothing"
+    np.testing.assert_allclose(maps.cam_patches[-1], maps.cam_patches[:layer_count].mean(axis=0), rtol=1e-5, atol=1e-9)
     assert tiny_blip.default_layer("cross_attention") == layer_count
     assert tiny_blip.default_layer("hirescam") == len(tiny_blip.vision_layers) - 1
 
@@ -139,7 +138,7 @@ def test_occlusion_is_the_drop_in_log_p_when_a_patch_is_zeroed(tiny_blip, captio
     (maps,) = tiny_blip.explain(image, caption, word_indices=[4], method="occlusion")
     position = caption.words[4].start
     pixel_values = tiny_blip.pixel_values([image])
-    patch = tiny_blip.geometry.patch_size
+    patch = tiny_blip.patch_size
 
     def log_p(pixels: torch.Tensor) -> float:
         with torch.no_grad():
@@ -149,7 +148,8 @@ def test_occlusion_is_the_drop_in_log_p_when_a_patch_is_zeroed(tiny_blip, captio
     occluded = pixel_values.clone()
     occluded[:, :, patch : 2 * patch, 2 * patch : 3 * patch] = 0  # patch row 1, column 2
     expected = max(log_p(pixel_values) - log_p(occluded), 0.0)
-    assert maps.cam_grid[0, 1, 2] == pytest.approx(expected, abs=1e-5)
+    columns = tiny_blip.image_geometry(image.size).views[0].grid_shape[1]
+    assert maps.cam_patches[0, 1 * columns + 2] == pytest.approx(expected, abs=1e-5)
 
 
 def test_no_hook_is_left_even_after_an_error(tiny_blip, caption, monkeypatch):
@@ -191,7 +191,7 @@ def test_threads_sharing_one_explainer_get_what_they_get_alone(tiny_blip, captio
         assert len(results[index]) == 5
         for got in results[index]:
             assert got.score == pytest.approx(expected.score, abs=1e-6)
-            np.testing.assert_allclose(got.cam_grid, expected.cam_grid, rtol=1e-5, atol=1e-10)
+            np.testing.assert_allclose(got.cam_patches, expected.cam_patches, rtol=1e-5, atol=1e-10)
 
 
 def test_caption_respects_max_new_tokens_and_prompt(tiny_blip):
@@ -216,7 +216,7 @@ def test_deepest_vision_map_is_not_blank(tiny_blip, caption):
     gradient x activation on the raw output is zero, so the explainer reads the normalised one."""
     image = random_image(11)
     maps = tiny_blip.explain(image, caption, method="hirescam")
-    assert all(word_maps.cam_grid[-1].max() > 0 for word_maps in maps)
+    assert all(word_maps.cam_patches[-1].max() > 0 for word_maps in maps)
     raw_last_layer = tiny_blip.model.vision_model.encoder.layers[-1]
     with capture_outputs([raw_last_layer]) as captured, torch.enable_grad():
         pixel_values = tiny_blip.pixel_values([image]).requires_grad_(True)
@@ -267,4 +267,4 @@ def test_flushing_denormals_keeps_maps_within_float32_rounding(tiny_blip, captio
         tiny_blip.explain(image, caption, method=method), unflushed.explain(image, caption, method=method), strict=True
     ):
         assert flushed_maps.score == pytest.approx(plain_maps.score, abs=1e-6)
-        np.testing.assert_allclose(flushed_maps.cam_grid, plain_maps.cam_grid, rtol=1e-5, atol=1e-10)
+        np.testing.assert_allclose(flushed_maps.cam_patches, plain_maps.cam_patches, rtol=1e-5, atol=1e-10)

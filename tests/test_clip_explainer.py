@@ -32,9 +32,9 @@ def test_similarity_is_cosine_x100_and_softmax_over_texts(tiny_clip):
 def test_default_layer_gives_a_real_map(tiny_clip):
     clip_map = tiny_clip.explain(random_image(1), "a red dog")
     assert clip_map.layer == len(tiny_clip.vision_layers) - 2
-    assert clip_map.cam_grid.shape == tiny_clip.geometry.grid_shape
-    assert np.isfinite(clip_map.cam_grid).all()
-    assert clip_map.cam_grid.max() > 0
+    assert clip_map.cam_patches.shape == (tiny_clip.image_geometry((48, 40)).patch_count,)
+    assert np.isfinite(clip_map.cam_patches).all()
+    assert clip_map.cam_patches.max() > 0
 
 
 def test_last_layer_is_refused_not_blank(tiny_clip):
@@ -52,9 +52,9 @@ def test_map_score_matches_similarity(tiny_clip):
 
 
 def test_geometry_is_the_centre_crop(tiny_clip):
-    geometry = tiny_clip.geometry
-    assert geometry.resize_mode == "shortest_edge_crop"
-    assert geometry.visible_box((96, 48)) == pytest.approx((24.0, 0.0, 72.0, 48.0))
+    (view,) = tiny_clip.image_geometry((96, 48)).views
+    assert view.region_image == pytest.approx((24.0, 0.0, 72.0, 48.0))
+    assert view.grid_shape == (4, 4)
 
 
 def test_no_hook_is_left_and_no_gradient_stored(tiny_clip):
@@ -82,7 +82,7 @@ def test_default_layer_map_is_not_rounding_noise(tiny_clip):
     double_clip = ClipExplainer(copy.deepcopy(model).double(), tiny_clip.processor, tiny_clip.device)
     for seed in (6, 7, 8):
         image = random_image(seed)
-        single = single_clip.explain(image, "a red dog", method="hirescam").cam_grid.ravel()
-        double = double_clip.explain(image, "a red dog", method="hirescam").cam_grid.ravel()
+        single = single_clip.explain(image, "a red dog", method="hirescam").cam_patches.ravel()
+        double = double_clip.explain(image, "a red dog", method="hirescam").cam_patches.ravel()
         assert double.max() > 1e-4
         assert np.corrcoef(single, double)[0, 1] >= 0.999

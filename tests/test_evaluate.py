@@ -1,15 +1,19 @@
-"""evaluate.py end to end on the bundled shapes demo: CSV, summary, plots, bad files, resuming."""
+"""evaluate.py end to end on the bundled shapes demo: CSV, summary, plots, bad files, resuming;
+the measuring pipeline it shares with the shapes benchmark (models.evaluation)."""
 
 import csv
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import evaluate
-from bench.faithfulness import run_benchmark
-from models.blip_explainer import DEFAULT_METHOD, BlipExplainer
+from models.analysis import word_scorer
+from models.blip_explainer import BlipExplainer
+from models.evaluation import MeasureSettings, measure_image, measure_shapes_scenes
+from utils.metrics import curves_by_order, patch_order
 from utils.shapes_world import EVAL_SEEDS, SHAPES, generate_scene
 
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "shapes_demo" / "blip" / "model.safetensors"
@@ -131,10 +135,12 @@ def test_pointing_game_agrees_with_the_shapes_benchmark(evaluation, demo_blip, s
     _, out = evaluation
     summary = json.loads((out / evaluate.SUMMARY_NAME).read_text())
     (layer_name,) = summary["per_layer"]
-    benchmark = run_benchmark(demo_blip, None, scene_seeds, methods=(DEFAULT_METHOD,), steps=4, sanity_scenes=0)
+    benchmark = measure_shapes_scenes(
+        demo_blip, None, scene_seeds, methods=(BlipExplainer.default_method,), steps=4, sanity_scenes=0
+    )
     assert benchmark["caption_exact"] == 1.0
     assert summary["per_layer"][layer_name]["pointing_game"] == pytest.approx(
-        benchmark["per_layer"][DEFAULT_METHOD][layer_name]["pointing_game_shape"]
+        benchmark["per_layer"][BlipExplainer.default_method][layer_name]["pointing_game_shape"]
     )
 
 
@@ -149,3 +155,30 @@ def test_content_words_skip_stop_words(demo_blip):
     assert [caption.words[index].text for index in only_red] == ["red"]
     assert evaluate.category_of("puppy", ["person", "dog"]) == "dog"
     assert evaluate.category_of("grass", ["person", "dog"]) is None
+
+
+def test_each_map_is_scored_on_its_own_word(demo_blip, scene_seeds):
+    """The shared pipeline scores all maps in one stream for all words; each curve must be the
+    one a scorer of that word alone gives for that map's patch order."""
+    scene = generate_scene(scene_seeds[0])
+    caption = demo_blip.caption(scene.image)
+    indices = evaluate.selected_word_indices(caption, None)
+    method = BlipExplainer.default_method
+    settings = MeasureSettings(fill="mean", steps=4, insertion=True)
+    scores = measure_image(demo_blip, scene.image, caption, indices, [[]] * len(indices), [method], settings)
+    word_maps = demo_blip.explain(scene.image, caption, indices, method)
+    layer_names = demo_blip.layer_names(method)
+    assert len(scores.maps) == len(indices) * len(layer_names)
+    for map_scores in scores.maps:
+        index = indices[map_scores.slot]
+        assert map_scores.word == caption.words[index].text
+        assert map_scores.pointing_game is None and map_scores.box_mass is None and map_scores.removal is None
+        cam_patches = word_maps[map_scores.slot].cam_patches[layer_names.index(map_scores.layer_name)]
+        one_word = word_scorer(demo_blip, caption, [index])
+        for curve in (map_scores.deletion, map_scores.insertion):
+            (expected,) = curves_by_order(
+                scene.image, demo_blip.image_geometry(scene.image.size), [patch_order(cam_patches)], one_word,
+                direction=curve.direction,
+                fill="mean", steps=4,
+            )  # fmt: skip
+            np.testing.assert_allclose(curve.scores, expected.scores[:, 0], rtol=1e-6)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.faithfulness import run_benchmark
-from models.blip_explainer import DEFAULT_METHOD, BlipExplainer
+from models.blip_explainer import BlipExplainer
 from models.clip_explainer import ClipExplainer
+from models.evaluation import measure_shapes_scenes
 from utils.metrics import HIGH_CORRELATION
 from utils.shapes_world import EVAL_SEEDS
 
@@ -38,7 +38,9 @@ def results() -> dict:
         pytest.fail(f"The bundled shapes demo is missing from {DEMO_FOLDER}; it is committed with the repository.")
     blip = BlipExplainer.from_pretrained("shapes-demo", device="cpu")
     clip = ClipExplainer.from_pretrained("shapes-demo", device="cpu")
-    return run_benchmark(blip, clip, SEEDS, methods=(DEFAULT_METHOD,), sanity_scenes=SANITY_SCENES)
+    return measure_shapes_scenes(
+        blip, clip, SEEDS, methods=(BlipExplainer.default_method,), sanity_scenes=SANITY_SCENES
+    )
 
 
 @pytest.mark.parametrize("metric", sorted(FLOORS))
@@ -53,4 +55,4 @@ def test_deletion_by_the_heatmap_beats_random_order(results):
 def test_maps_depend_on_the_trained_weights(results):
     # Adebayo et al.: randomising the top vision layers must scramble the default map (measured
     # Spearman 0.30 on these 3 scenes, 0.45 over 10 bench scenes), not leave it nearly as it was.
-    assert results["sanity"][DEFAULT_METHOD]["spearman"] < HIGH_CORRELATION
+    assert results["sanity"][BlipExplainer.default_method]["spearman"] < HIGH_CORRELATION

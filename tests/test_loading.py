@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -14,10 +15,18 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors.torch import load_file, save_file
 
 from models import loading
 from models.blip_explainer import BlipExplainer
-from models.loading import HUB_BIN_PATTERNS, HUB_FILE_PATTERNS, ModelUnavailableError, resolve_model_dir
+from models.families import load_captioner
+from models.loading import (
+    HUB_BIN_PATTERNS,
+    HUB_FILE_PATTERNS,
+    ModelUnavailableError,
+    local_model_dirs,
+    resolve_model_dir,
+)
 from tests.tiny_models import BOS_ID, IMAGE_SIZE, SEP_ID, VOCABULARY
 
 NOT_CACHED = "vlm-explainer-tests/not-a-cached-model"
@@ -73,7 +82,7 @@ class WritesMarker:
 
 def test_local_folder_loads_through_from_pretrained(tiny_blip_dir):
     explainer = BlipExplainer.from_pretrained(str(tiny_blip_dir), device="cpu")
-    assert explainer.geometry.grid_shape == (4, 4)
+    assert explainer.image_geometry((32, 32)).views[0].grid_shape == (4, 4)
     assert not any(parameter.requires_grad for parameter in explainer.model.parameters())
 
 
@@ -228,6 +237,40 @@ def test_uncached_model_with_silent_hub_fails_within_five_seconds(monkeypatch):
 def test_nonsense_source_is_named_in_the_error():
     with pytest.raises(ModelUnavailableError, match="neither a local folder nor a hub model id"):
         resolve_model_dir("no such folder / with spaces", "blip")
+
+
+def test_a_captioner_folder_is_explained_by_the_family_its_config_names(tiny_blip_dir):
+    captioner = load_captioner(str(tiny_blip_dir), device="cpu")
+    assert type(captioner) is BlipExplainer
+    assert captioner.default_method in captioner.methods
+
+
+def test_an_unsupported_model_type_is_named_with_the_supported_ones(tiny_clip_dir):
+    with pytest.raises(ModelUnavailableError, match=r"'clip' are not supported as captioners; supported types: blip"):
+        load_captioner(str(tiny_clip_dir), device="cpu")
+
+
+def test_weights_that_do_not_fit_the_class_are_refused_not_reinitialised(tmp_path, tiny_blip_dir):
+    """transformers only warns about missing or unexpected weights and draws the missing ones at
+    random: an explainer must refuse, or it would explain a random model without a word."""
+    for item in tiny_blip_dir.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = next(name for name in weights if name.startswith("vision_model.encoder.layers.0."))
+    del weights[dropped]
+    weights["qformer.extra.weight"] = torch.zeros(2)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    expected = rf"do not fit BlipForConditionalGeneration: 1 missing \(e\.g\. {re.escape(dropped)}\); 1 unexpected"
+    with pytest.raises(ModelUnavailableError, match=expected):
+        load_captioner(str(tmp_path), device="cpu")
+
+
+def test_captioner_folder_from_the_environment_under_its_new_and_its_old_name():
+    assert local_model_dirs({"VLM_EXPLAINER_CAPTIONER_DIR": "/models/a"}) == ("/models/a", None)
+    old_names = {"VLM_EXPLAINER_BLIP_DIR": "/models/b", "VLM_EXPLAINER_CLIP_DIR": "/models/c"}
+    assert local_model_dirs(old_names) == ("/models/b", "/models/c")
+    both = {"VLM_EXPLAINER_CAPTIONER_DIR": "/models/new", "VLM_EXPLAINER_BLIP_DIR": "/models/old"}
+    assert local_model_dirs(both) == ("/models/new", None)
 
 
 class FakeHub:

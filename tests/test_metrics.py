@@ -21,10 +21,10 @@ from utils.metrics import (
     spearman,
     step_counts,
 )
-from utils.patch_utils import Box, PatchGeometry
+from utils.patch_utils import Box, squash_geometry
 
-# 32 px model input, 8 px patches: a 4 x 4 grid; patch id = row * 4 + column.
-GEOMETRY = PatchGeometry(model_size=(32, 32), patch_size=8, resize_mode="squash")
+# A 32 px image seen as a 4 x 4 grid of 8 px patches; patch id = row * 4 + column.
+GEOMETRY = squash_geometry((32, 32), (4, 4))
 # The synthetic "object": patches 5 and 6, i.e. row 1, columns 1 and 2 (x 8..24, y 8..16).
 OBJECT_PATCHES = (5, 6)
 FLOOR = 0.01
@@ -141,7 +141,7 @@ def test_rank_layers_names_the_layer_with_the_true_map():
 
 
 # Image of 64 x 64 on the 32 px model: one patch is 16 x 16 image pixels.
-IMAGE_SIZE = (64, 64)
+LARGE_GEOMETRY = squash_geometry((64, 64), (4, 4))  # the same grid on a 64 px image: 16 px patches
 
 
 def peak_map(row: int, column: int) -> np.ndarray:
@@ -152,32 +152,32 @@ def peak_map(row: int, column: int) -> np.ndarray:
 
 def test_pointing_game_hits_misses_and_tolerates_one_patch():
     cam_grid = peak_map(1, 2)  # image pixels x 32..48, y 16..32
-    assert pointing_game(cam_grid, GEOMETRY, IMAGE_SIZE, [Box(32, 16, 48, 32)]) == 1.0
+    assert pointing_game(cam_grid, LARGE_GEOMETRY, [Box(32, 16, 48, 32)]) == 1.0
     neighbour = Box(48, 16, 64, 32)
-    assert pointing_game(cam_grid, GEOMETRY, IMAGE_SIZE, [neighbour]) == 1.0
-    assert pointing_game(cam_grid, GEOMETRY, IMAGE_SIZE, [neighbour], tolerance_patches=0) == 0.0
-    assert pointing_game(cam_grid, GEOMETRY, IMAGE_SIZE, [Box(0, 48, 16, 64)]) == 0.0
+    assert pointing_game(cam_grid, LARGE_GEOMETRY, [neighbour]) == 1.0
+    assert pointing_game(cam_grid, LARGE_GEOMETRY, [neighbour], tolerance_patches=0) == 0.0
+    assert pointing_game(cam_grid, LARGE_GEOMETRY, [Box(0, 48, 16, 64)]) == 0.0
     # Several boxes of one category: a hit on any of them counts.
-    assert pointing_game(cam_grid, GEOMETRY, IMAGE_SIZE, [Box(0, 48, 16, 64), Box(32, 16, 48, 32)]) == 1.0
+    assert pointing_game(cam_grid, LARGE_GEOMETRY, [Box(0, 48, 16, 64), Box(32, 16, 48, 32)]) == 1.0
 
 
 def test_pointing_game_of_constant_and_empty_maps():
-    assert pointing_game(np.ones((4, 4)), GEOMETRY, IMAGE_SIZE, [Box(0, 0, 64, 64)]) == 0.0
-    assert math.isnan(pointing_game(np.full((4, 4), np.nan), GEOMETRY, IMAGE_SIZE, [Box(0, 0, 8, 8)]))
+    assert pointing_game(np.ones((4, 4)), LARGE_GEOMETRY, [Box(0, 0, 64, 64)]) == 0.0
+    assert math.isnan(pointing_game(np.full((4, 4), np.nan), LARGE_GEOMETRY, [Box(0, 0, 8, 8)]))
 
 
 def test_box_mass_is_the_share_of_positive_mass_inside():
     # A constant map puts mass in proportion to area: 16 x 32 of 64 x 64 pixels.
-    assert box_mass(np.ones((4, 4)), GEOMETRY, IMAGE_SIZE, [Box(0, 0, 16, 32)]) == pytest.approx(0.125)
-    assert box_mass(np.ones((4, 4)), GEOMETRY, IMAGE_SIZE, [Box(0, 0, 64, 64)]) == pytest.approx(1.0)
-    assert math.isnan(box_mass(np.zeros((4, 4)), GEOMETRY, IMAGE_SIZE, [Box(0, 0, 16, 16)]))
+    assert box_mass(np.ones((4, 4)), LARGE_GEOMETRY, [Box(0, 0, 16, 32)]) == pytest.approx(0.125)
+    assert box_mass(np.ones((4, 4)), LARGE_GEOMETRY, [Box(0, 0, 64, 64)]) == pytest.approx(1.0)
+    assert math.isnan(box_mass(np.zeros((4, 4)), LARGE_GEOMETRY, [Box(0, 0, 16, 16)]))
     # Negative and NaN values carry no mass: only the left half (x < 32) counts.
     cam_grid = np.ones((4, 4))
     cam_grid[:, 2:] = -5.0
     cam_grid[0, 3] = np.nan
-    assert box_mass(cam_grid, GEOMETRY, IMAGE_SIZE, [Box(0, 0, 32, 64)]) == pytest.approx(1.0)
-    assert box_mass(cam_grid, GEOMETRY, IMAGE_SIZE, [Box(0, 0, 16, 64)]) < 0.8
-    assert box_mass(peak_map(1, 2), GEOMETRY, IMAGE_SIZE, [Box(32, 16, 48, 32)]) > 0.5
+    assert box_mass(cam_grid, LARGE_GEOMETRY, [Box(0, 0, 32, 64)]) == pytest.approx(1.0)
+    assert box_mass(cam_grid, LARGE_GEOMETRY, [Box(0, 0, 16, 64)]) < 0.8
+    assert box_mass(peak_map(1, 2), LARGE_GEOMETRY, [Box(32, 16, 48, 32)]) > 0.5
 
 
 class FakeCaptioner:

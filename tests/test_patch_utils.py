@@ -8,44 +8,100 @@ from PIL import Image
 
 from utils.patch_utils import (
     Box,
-    PatchGeometry,
+    ImageGeometry,
+    aspect_resize_geometry,
     box_from_corners,
-    cam_grid_to_image,
+    centre_crop_geometry,
     mask_boxes,
     mask_patches,
-    patches_in_box,
+    squash_geometry,
+    tiled_geometry,
     top_patches,
 )
 
-SQUASH = PatchGeometry(model_size=(384, 384), patch_size=16, resize_mode="squash")
-CROP = PatchGeometry(model_size=(224, 224), patch_size=32, resize_mode="shortest_edge_crop")
+
+def squash(image_size: tuple[int, int]) -> ImageGeometry:
+    return squash_geometry(image_size, (24, 24))  # BLIP base: 384 px, 16 px patches
 
 
-def test_grid_comes_from_the_geometry():
-    assert SQUASH.grid_shape == (24, 24) and SQUASH.patch_count == 576
-    assert CROP.grid_shape == (7, 7)
-    assert PatchGeometry((128, 96), 16, "squash").grid_shape == (8, 6)
+def crop(image_size: tuple[int, int]) -> ImageGeometry:
+    return centre_crop_geometry(image_size, (224, 224), 32)  # CLIP B/32
 
 
-@pytest.mark.parametrize("geometry", [SQUASH, CROP])
-@pytest.mark.parametrize("image_size", [(640, 480), (300, 900), (224, 224)])
-def test_image_model_round_trip(geometry, image_size):
-    x0, y0, x1, y1 = geometry.visible_box(image_size)
-    for point in [(x0, y0), ((x0 + x1) / 2, (y0 + y1) / 3), (x1 - 1, y1 - 1)]:
-        model_point = geometry.image_to_model_point(image_size, point)
-        assert geometry.model_to_image_point(image_size, model_point) == pytest.approx(point)
+def aspect_resize(image_size: tuple[int, int]) -> ImageGeometry:
+    """Qwen2-VL style: resized to multiples of 28 with the aspect about kept."""
+    width, height = image_size
+    return aspect_resize_geometry(image_size, (round(height / 28) * 28, round(width / 28) * 28), 14)
 
 
-def test_squash_maps_corners_to_corners():
-    assert SQUASH.image_to_model_point((800, 200), (800, 200)) == pytest.approx((384, 384))
-    assert SQUASH.patch_at_model_point((383.9, 0)) == 23
-    assert SQUASH.patch_at_model_point((384, 0)) is None
+def tiles(image_size: tuple[int, int]) -> ImageGeometry:
+    """SmolVLM style: 2 x 3 tiles of 4 x 4 patches, then a 4 x 4 global view."""
+    return tiled_geometry(image_size, (2, 3), (4, 4), (4, 4))
+
+
+GEOMETRIES = [squash, crop, aspect_resize, tiles]
+
+
+def test_grid_comes_from_the_model_sizes():
+    assert squash((640, 480)).views[0].grid_shape == (24, 24) and squash((640, 480)).patch_count == 576
+    assert crop((640, 480)).views[0].grid_shape == (7, 7)
+    assert aspect_resize((640, 480)).views[0].grid_shape == (34, 46)
+    assert tiles((640, 480)).patch_count == 6 * 16 + 16
+
+
+@pytest.mark.parametrize("build", GEOMETRIES)
+@pytest.mark.parametrize("image_size", [(640, 480), (300, 900)])
+def test_a_one_hot_patch_lands_inside_its_own_patch(build, image_size):
+    geometry = build(image_size)
+    for patch_id in sorted({0, geometry.patch_count // 3, geometry.patch_count - 1}):
+        one_hot = np.zeros(geometry.patch_count, dtype=np.float32)
+        one_hot[patch_id] = 1.0
+        cam_image = geometry.cam_to_image(one_hot)
+        assert cam_image.shape == (image_size[1], image_size[0])
+        peak_y, peak_x = np.unravel_index(np.nanargmax(cam_image), cam_image.shape)
+        box = geometry.patch_box_image(patch_id)
+        assert box.contains(peak_x, peak_y), (patch_id, box, (peak_x, peak_y))
+
+
+@pytest.mark.parametrize("build", GEOMETRIES)
+@pytest.mark.parametrize("image_size", [(640, 480), (300, 900)])
+def test_patch_box_round_trip(build, image_size):
+    """A patch's box, shrunk to its centre pixel, selects that patch, and only patches whose
+    boxes hold that pixel (where a global view overlaps the tiles, their patches too)."""
+    geometry = build(image_size)
+    for patch_id in range(0, geometry.patch_count, max(1, geometry.patch_count // 17)):
+        box = geometry.patch_box_image(patch_id)
+        x, y = (box.x0 + box.x1) // 2, (box.y0 + box.y1) // 2
+        selected = geometry.patches_in_box(Box(x, y, x + 1, y + 1))
+        assert patch_id in selected
+        assert all(geometry.patch_box_image(other).contains(x, y) for other in selected)
+        if len(geometry.views) == 1:
+            assert selected == [patch_id]
+
+
+def test_squash_patch_of_a_wide_image_is_wide():
+    geometry = squash((768, 192))  # squashed: a patch is 32 x 8 image pixels
+    for patch_id in [0, 25, 575]:
+        box = geometry.patch_box_image(patch_id)
+        assert (box.width, box.height) == (32, 8)
+        assert geometry.patches_in_box(box) == [patch_id]
 
 
 def test_crop_cuts_the_long_side_margins():
     # 448 x 224: scaled by 1, the central 224 x 224 is kept; 112 px margins each side.
-    assert CROP.visible_box((448, 224)) == pytest.approx((112, 0, 336, 224))
-    assert CROP.image_to_model_point((448, 224), (112, 0)) == pytest.approx((0, 0))
+    (view,) = crop((448, 224)).views
+    assert view.region_image == pytest.approx((112, 0, 336, 224))
+    assert crop((448, 224)).patch_box_image(0) == Box(112, 0, 144, 32)
+
+
+def test_tiles_and_global_view_are_numbered_view_after_view():
+    geometry = tiles((600, 400))  # tiles of 200 x 200, patches of 50 x 50; global patches 150 x 100
+    assert geometry.patch_box_image(0) == Box(0, 0, 50, 50)
+    assert geometry.patch_box_image(16) == Box(200, 0, 250, 50)  # first patch of the second tile
+    assert geometry.patch_box_image(96) == Box(0, 0, 150, 100)  # first patch of the global view
+    assert geometry.finest_patch_image == (50.0, 50.0)
+    xs, ys = geometry.patch_lines_image()
+    assert xs == [50.0 * index for index in range(13)] and ys == [50.0 * index for index in range(9)]
 
 
 def test_box_from_corners_in_any_order_is_clamped():
@@ -56,19 +112,11 @@ def test_box_from_corners_in_any_order_is_clamped():
 
 
 def test_patches_in_box_touching_a_patch_selects_it():
-    image_size = (384, 384)
-    assert patches_in_box(SQUASH, image_size, Box(0, 0, 16, 16)) == [0]
-    assert patches_in_box(SQUASH, image_size, Box(15, 15, 17, 17)) == [0, 1, 24, 25]
-    assert patches_in_box(SQUASH, image_size, Box(5, 5, 5, 9)) == []
-    assert len(patches_in_box(SQUASH, image_size, Box(0, 0, 384, 384))) == 576
-
-
-def test_patch_box_round_trip_on_a_non_square_image():
-    image_size = (768, 192)  # squashed: a patch is 32 x 8 image pixels
-    for patch_id in [0, 25, 575]:
-        box = SQUASH.patch_box_image(image_size, patch_id)
-        assert (box.width, box.height) == (32, 8)
-        assert patches_in_box(SQUASH, image_size, box) == [patch_id]
+    geometry = squash((384, 384))
+    assert geometry.patches_in_box(Box(0, 0, 16, 16)) == [0]
+    assert geometry.patches_in_box(Box(15, 15, 17, 17)) == [0, 1, 24, 25]
+    assert geometry.patches_in_box(Box(5, 5, 5, 9)) == []
+    assert len(geometry.patches_in_box(Box(0, 0, 384, 384))) == 576
 
 
 def test_top_patches_takes_the_highest():
@@ -79,16 +127,18 @@ def test_top_patches_takes_the_highest():
         top_patches(cam_grid, 0)
 
 
-def test_cam_grid_to_image_marks_crop_margins_as_nan():
-    cam_grid = np.ones(CROP.grid_shape, dtype=np.float32)
-    cam_image = cam_grid_to_image(cam_grid, CROP, (448, 224))
+def test_maps_leave_crop_margins_nan_and_overlapping_views_averaged():
+    cam_image = crop((448, 224)).cam_to_image(np.ones(49, dtype=np.float32))
     assert cam_image.shape == (224, 448)
     assert np.isnan(cam_image[:, :112]).all() and np.isnan(cam_image[:, 336:]).all()
     assert np.allclose(cam_image[:, 112:336], 1.0)
-    squashed = cam_grid_to_image(np.ones(SQUASH.grid_shape), SQUASH, (500, 120))
+    squashed = squash((500, 120)).cam_to_image(np.ones(576))
     assert squashed.shape == (120, 500) and not np.isnan(squashed).any()
+    tiled = tiles((600, 400))
+    tile_ones_global_zeros = np.concatenate([np.ones(96), np.zeros(16)])
+    assert np.allclose(tiled.cam_to_image(tile_ones_global_zeros), 0.5)
     with pytest.raises(ValueError):
-        cam_grid_to_image(np.ones((3, 3)), SQUASH, (10, 10))
+        squash((10, 10)).cam_to_image(np.ones(9))
 
 
 def _image() -> Image.Image:
@@ -121,7 +171,7 @@ def test_mask_fill_modes_are_reproducible_and_validated():
 
 def test_mask_patches_covers_exactly_those_patches():
     image = Image.new("RGB", (64, 32), (255, 255, 255))
-    geometry = PatchGeometry((32, 32), 16, "squash")  # 2 x 2 patches, each 32 x 16 image pixels
+    geometry = squash_geometry(image.size, (2, 2))  # 2 x 2 patches, each 32 x 16 image pixels
     masked = np.asarray(mask_patches(image, geometry, [1], "black"))
     assert (masked[:16, 32:] == 0).all()
     assert (masked[:16, :32] == 255).all() and (masked[16:] == 255).all()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models.analysis import Decoding, caption_image, mask_and_recaption
-from models.blip_explainer import DEFAULT_METHOD, BlipExplainer
+from models.blip_explainer import BlipExplainer
 from models.clip_explainer import ClipExplainer
 from tests.app_helpers import click, pick_example, start_app, upload
 from tests.bad_images import bad_image_cases
@@ -92,9 +92,9 @@ def session_work(blip: BlipExplainer, name: str, word: int) -> tuple:
     """What one browser session asks of the shared model: caption, every map, the causal test."""
     image = load_image((ROOT / "media" / "examples" / name).read_bytes())
     caption = caption_image(blip, image, Decoding())
-    maps = blip.explain(image, caption, method=DEFAULT_METHOD)[word]
+    maps = blip.explain(image, caption, method=BlipExplainer.default_method)[word]
     masked = mask_and_recaption(blip, image, caption, [Box(0, 0, 48, 48)], "mean", Decoding())
-    return caption.text, maps.score, maps.cam_grid.tobytes(), masked.caption.text, masked.log_prob_change.tobytes()
+    return caption.text, maps.score, maps.cam_patches.tobytes(), masked.caption.text, masked.log_prob_change.tobytes()
 
 
 def test_four_sessions_at_once_get_what_they_get_alone(shared_demo):

@@ -1,13 +1,17 @@
 """Bundled shapes-demo checkpoints: offline loading, tokenizer round trip, caption and CLIP quality."""
 
-import os
+import socket
+import urllib.request
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor, BlipForConditionalGeneration, CLIPModel
 
+from models.clip_explainer import ClipExplainer
+from models.families import load_captioner
 from utils.shapes_world import EVAL_SEEDS, caption_distractors, generate_scene
 
 DEMO_FOLDER = Path(__file__).resolve().parents[1] / "models" / "shapes_demo"
@@ -48,7 +52,32 @@ def test_checkpoints_are_small_safetensors_only():
     assert any(path.name == "model.safetensors" for path in files)
     assert not any(path.suffix in {".bin", ".pt", ".pth", ".pkl"} for path in files)
     assert sum(path.stat().st_size for path in files) <= MAX_MEGABYTES * 1e6
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_bundled_folders_load_with_the_hub_unreachable(monkeypatch):
+    """The demo loads from its folders alone, without the offline flags too: every way to the
+    network fails, and any try is recorded, even one whose error a caller would swallow."""
+    tries = []
+
+    def unreachable(*args, **kwargs):
+        tries.append(args[:1])
+        raise OSError("the network is unreachable in this test")
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    for name in ("snapshot_download", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, name, unreachable)
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    captioner = load_captioner("shapes-demo", device="cpu")
+    clip = ClipExplainer.from_pretrained("shapes-demo", device="cpu")
+    assert tries == []
+    # The trained weights, not a fresh model: both get a held-out scene right.
+    scene = generate_scene(TEST_SEEDS[0])
+    assert captioner.caption(scene.image).text == scene.caption
+    candidates = [scene.caption, *caption_distractors(scene, 9, np.random.default_rng(TEST_SEEDS[0]))]
+    assert np.argmax(clip.similarity(scene.image, candidates).probabilities) == 0
 
 
 @pytest.mark.parametrize("model_name", ["blip", "clip"])

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from utils.patch_utils import Box, Colour, FillMode, PatchGeometry, cam_grid_to_image, mask_patches
+from utils.patch_utils import Box, Colour, FillMode, ImageGeometry, mask_patches
 
 ScoreImages = Callable[[list[Image.Image]], np.ndarray]
 CaptionWords = Callable[[Image.Image], list[str]]
@@ -141,15 +141,15 @@ class SanityCheck:
     barely_depends: bool
 
 
-def patch_order(cam_grid: np.ndarray) -> np.ndarray:
+def patch_order(cam_patches: np.ndarray) -> np.ndarray:
     """Patch ids, most relevant first; ties in row-major order, NaN last.
 
     Args:
-        cam_grid: (rows, columns) heatmap on the patch grid.
+        cam_patches: (patches,) heatmap (any shape with one value per patch).
     Returns:
         (patches,) int64.
     """
-    flat = np.asarray(cam_grid, dtype=np.float64).ravel()
+    flat = np.asarray(cam_patches, dtype=np.float64).ravel()
     return np.argsort(-np.nan_to_num(flat, nan=-np.inf), kind="stable")
 
 
@@ -185,7 +185,7 @@ def masked_patch_sets(order: np.ndarray, counts: np.ndarray, direction: Directio
 
 def score_masked_images(
     image: Image.Image,
-    geometry: PatchGeometry,
+    geometry: ImageGeometry,
     patch_sets: Sequence[np.ndarray],
     score_images: ScoreImages,
     *,
@@ -200,7 +200,7 @@ def score_masked_images(
 
     Args:
         image: RGB original image.
-        geometry: the model's patch geometry.
+        geometry: where the model's patches lie on the image.
         patch_sets: patch ids to mask, one array per image.
         score_images: see the module docstring.
         fill: how masked patches are filled (see ``utils.patch_utils.mask_boxes``).
@@ -226,7 +226,7 @@ def score_masked_images(
 
 def curves_by_order(
     image: Image.Image,
-    geometry: PatchGeometry,
+    geometry: ImageGeometry,
     orders: Sequence[np.ndarray],
     score_images: ScoreImages,
     *,
@@ -268,7 +268,7 @@ def mean_curve(curves: Sequence[Curve]) -> Curve:
 
 def random_curve(
     image: Image.Image,
-    geometry: PatchGeometry,
+    geometry: ImageGeometry,
     score_images: ScoreImages,
     *,
     direction: Direction = "deletion",
@@ -293,8 +293,8 @@ def random_curve(
 
 def measure_curves(
     image: Image.Image,
-    geometry: PatchGeometry,
-    cam_grid: np.ndarray,
+    geometry: ImageGeometry,
+    cam_patches: np.ndarray,
     score_images: ScoreImages,
     *,
     fill: FillMode | Colour = "black",
@@ -307,8 +307,8 @@ def measure_curves(
 
     Args:
         image: RGB original image.
-        geometry: the model's patch geometry.
-        cam_grid: (rows, columns) heatmap deciding the order.
+        geometry: where the model's patches lie on the image.
+        cam_patches: (patches,) heatmap deciding the order.
         score_images: see the module docstring.
         fill, steps, chunk: see ``curves_by_order``.
         random_orders: random permutations averaged into the baseline, >= 1.
@@ -318,7 +318,7 @@ def measure_curves(
     curves = {}
     for direction in ("deletion", "insertion"):
         (curves[direction],) = curves_by_order(
-            image, geometry, [patch_order(cam_grid)], score_images, direction=direction, **options
+            image, geometry, [patch_order(cam_patches)], score_images, direction=direction, **options
         )
         curves[f"random_{direction}"] = random_curve(
             image, geometry, score_images, direction=direction, random_orders=random_orders, **options
@@ -328,8 +328,8 @@ def measure_curves(
 
 def rank_layers(
     image: Image.Image,
-    geometry: PatchGeometry,
-    cam_grids: np.ndarray,
+    geometry: ImageGeometry,
+    cam_patch_stack: np.ndarray,
     score_images: ScoreImages,
     layer_names: Sequence[str],
     **curve_options,
@@ -337,11 +337,11 @@ def rank_layers(
     """Deletion AUC of every layer's map; the lowest is the most faithful layer.
 
     Args:
-        cam_grids: (layers, rows, columns) maps of one word.
+        cam_patch_stack: (layers, patches) maps of one word.
         layer_names: (layers,) labels.
         curve_options: fill, steps, chunk, seed of ``curves_by_order``.
     """
-    orders = [patch_order(cam_grid) for cam_grid in cam_grids]
+    orders = [patch_order(cam_patches) for cam_patches in cam_patch_stack]
     curves = curves_by_order(image, geometry, orders, score_images, direction="deletion", **curve_options)
     deletion_auc = np.array([curve.auc for curve in curves])
     per_layer = deletion_auc.reshape(len(curves), -1).mean(axis=1)
@@ -358,34 +358,31 @@ def boxes_mask(boxes_image: Sequence[Box], image_size: tuple[int, int]) -> np.nd
 
 
 def pointing_game(
-    cam_grid: np.ndarray,
-    geometry: PatchGeometry,
-    image_size: tuple[int, int],
+    cam_patches: np.ndarray,
+    geometry: ImageGeometry,
     boxes_image: Sequence[Box],
     tolerance_patches: float = 1.0,
 ) -> float:
     """Whether the heatmap's peak falls inside any box grown by ``tolerance_patches`` patches.
 
     Args:
-        cam_grid: (rows, columns) heatmap.
-        geometry: maps the grid onto the image.
-        image_size: (width, height) of the original image.
+        cam_patches: (patches,) heatmap.
+        geometry: maps the patches onto the image.
         boxes_image: the object's boxes in image pixels (several instances count as one target).
-        tolerance_patches: margin around each box in patches (of image pixels on each axis).
+        tolerance_patches: margin around each box in patches (the finest view's, in image pixels
+            on each axis).
     Returns:
         1.0 for a hit, 0.0 for a miss or a constant map (it points nowhere), NaN when the map has
         no finite value.
     """
-    cam_image = cam_grid_to_image(cam_grid, geometry, image_size)  # (H, W), NaN outside the view
+    cam_image = geometry.cam_to_image(cam_patches)  # (H, W), NaN outside the views
     if not np.isfinite(cam_image).any():
         return math.nan
     if np.nanmax(cam_image) == np.nanmin(cam_image):
         return 0.0
     peak_y, peak_x = np.unravel_index(np.nanargmax(cam_image), cam_image.shape)
-    x0, y0, x1, y1 = geometry.visible_box(image_size)
-    model_height, model_width = geometry.model_size
-    margin_x = tolerance_patches * geometry.patch_size * (x1 - x0) / model_width
-    margin_y = tolerance_patches * geometry.patch_size * (y1 - y0) / model_height
+    patch_width, patch_height = geometry.finest_patch_image
+    margin_x, margin_y = tolerance_patches * patch_width, tolerance_patches * patch_height
     # Pixel centres, so a peak on a box's last row or column counts as inside it.
     x, y = peak_x + 0.5, peak_y + 0.5
     hit = any(
@@ -395,19 +392,17 @@ def pointing_game(
     return float(hit)
 
 
-def box_mass(
-    cam_grid: np.ndarray, geometry: PatchGeometry, image_size: tuple[int, int], boxes_image: Sequence[Box]
-) -> float:
+def box_mass(cam_patches: np.ndarray, geometry: ImageGeometry, boxes_image: Sequence[Box]) -> float:
     """Share of the heatmap's positive mass inside the boxes (energy pointing game), 0 to 1.
 
     Args: as ``pointing_game``. Returns NaN when the map has no positive mass.
     """
-    cam_image = cam_grid_to_image(cam_grid, geometry, image_size)  # (H, W)
+    cam_image = geometry.cam_to_image(cam_patches)  # (H, W)
     positive = np.clip(np.nan_to_num(cam_image, nan=0.0), 0.0, None)
     total = positive.sum(dtype=np.float64)
     if total <= 0:
         return math.nan
-    return float(positive[boxes_mask(boxes_image, image_size)].sum(dtype=np.float64) / total)
+    return float(positive[boxes_mask(boxes_image, geometry.image_size)].sum(dtype=np.float64) / total)
 
 
 def region_schedule(patch_count: int, max_share: float = REGION_MAX_SHARE) -> list[int]:
@@ -421,8 +416,8 @@ def region_schedule(patch_count: int, max_share: float = REGION_MAX_SHARE) -> li
 
 def find_removal_region(
     image: Image.Image,
-    geometry: PatchGeometry,
-    cam_grid: np.ndarray,
+    geometry: ImageGeometry,
+    cam_patches: np.ndarray,
     word: str,
     caption_words: CaptionWords,
     *,
@@ -440,8 +435,8 @@ def find_removal_region(
 
     Args:
         image: RGB original image.
-        geometry: the model's patch geometry.
-        cam_grid: (rows, columns) heatmap of the word.
+        geometry: where the model's patches lie on the image.
+        cam_patches: (patches,) heatmap of the word.
         word: a word of the unmasked image's caption.
         caption_words: see the module docstring.
         fill: how masked patches are filled.
@@ -453,7 +448,7 @@ def find_removal_region(
     original_count = caption_words(image).count(word)
     if original_count == 0:
         raise ValueError(f"the caption of the unmasked image does not contain {word!r}")
-    order = patch_order(cam_grid)
+    order = patch_order(cam_patches)
     tried: dict[int, tuple[str, ...]] = {}
 
     def removes(count: int) -> bool:
@@ -473,7 +468,7 @@ def find_removal_region(
             failing, removing = (failing, middle) if removes(middle) else (middle, removing)
     final = failing if removing is None else removing
     patch_ids = tuple(int(patch_id) for patch_id in order[:final])
-    boxes = [geometry.patch_box_image(image.size, patch_id) for patch_id in patch_ids]
+    boxes = [geometry.patch_box_image(patch_id) for patch_id in patch_ids]
     share = float(boxes_mask(boxes, image.size).mean())
     return RemovalRegion(word, removing is not None, patch_ids, share, tried[final], len(tried) + 1)
 

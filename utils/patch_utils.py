@@ -1,13 +1,18 @@
-"""Geometry between original image pixels, model input pixels and ViT patches; masking.
+"""Geometry between original image pixels and the patches a model sees; rectangles; masking.
 
-Three coordinate spaces, named in every variable:
+An image's geometry is one or more views. Each view is a region of the original image that
+the model sees as one patch grid: the whole image squashed (BLIP), a centre crop (CLIP), the
+whole image resized with its aspect kept (Qwen2-VL), or tiles plus a global view (SmolVLM,
+LLaVA-NeXT). Patches are numbered view after view, row-major inside each view, so a map is one
+value per patch, ``cam_patches`` of shape (patches,), and ``ImageGeometry.cam_to_image`` alone
+composes it onto the original image.
+
+Coordinate spaces, named in every variable:
 - image: pixels of the original (EXIF-corrected) image, (x, y) with x to the right.
-- model: pixels of the model input after the processor's resize (and crop).
-- patch: the ViT grid, ``patch_id = row * grid_width + column``.
+- patch: ``patch_id``, numbered across the views as above.
 
-Every size comes from a ``PatchGeometry`` that the explainers build from their processor
-and config; nothing here knows BLIP's 384 or CLIP's 224. Functions are pure: they never
-modify their inputs.
+Every size comes from the explainers, which read their processor and config; nothing here
+knows BLIP's 384 or CLIP's 224. Functions are pure: they never modify their inputs.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFilter
 
-ResizeMode = Literal["squash", "shortest_edge_crop"]
 FillMode = Literal["black", "mean", "blur", "noise"]
 FILL_MODES: tuple[str, ...] = ("black", "mean", "blur", "noise")
 Colour = tuple[int, int, int]
@@ -56,111 +60,225 @@ class Box:
 
 
 @dataclass(frozen=True)
-class PatchGeometry:
-    """How a processor maps an image onto a model's patch grid.
+class View:
+    """One region of the original image that the model sees as one patch grid.
 
     Args:
-        model_size: (height, width) of the model input in pixels.
-        patch_size: side of one square patch in model pixels.
-        resize_mode: "squash" resizes the whole image to ``model_size`` without keeping its
-            aspect (BLIP); "shortest_edge_crop" resizes the short side to the model size and
-            centre-crops (CLIP), so the margins of a non-square image are never seen.
+        region_image: (x0, y0, x1, y1) of the original image the view covers, in image pixels
+            (floats: a crop or a tile need not fall on whole pixels).
+        grid_shape: (rows, columns) of the view's patches, which split the region evenly.
     """
 
-    model_size: tuple[int, int]
-    patch_size: int
-    resize_mode: ResizeMode
-
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        """(rows, columns) of the patch grid."""
-        height, width = self.model_size
-        return height // self.patch_size, width // self.patch_size
+    region_image: tuple[float, float, float, float]
+    grid_shape: tuple[int, int]
 
     @property
     def patch_count(self) -> int:
         rows, columns = self.grid_shape
         return rows * columns
 
-    def visible_box(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """Region of the original image that the model input covers, in image pixels.
+    @property
+    def patch_size_image(self) -> tuple[float, float]:
+        """(width, height) of one patch in image pixels."""
+        x0, y0, x1, y1 = self.region_image
+        rows, columns = self.grid_shape
+        return (x1 - x0) / columns, (y1 - y0) / rows
 
-        Args:
-            image_size: (width, height) of the original image.
+    def patch_box(self, local_id: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) in image pixels of the view's patch ``local_id`` (row-major)."""
+        row, column = divmod(local_id, self.grid_shape[1])
+        width, height = self.patch_size_image
+        x0, y0 = self.region_image[:2]
+        return x0 + column * width, y0 + row * height, x0 + (column + 1) * width, y0 + (row + 1) * height
+
+    def patches_touching(self, box_image: Box) -> list[int]:
+        """Local ids of the view's patches that a box in image pixels touches, row-major."""
+        rows, columns = self.grid_shape
+        width, height = self.patch_size_image
+        x0, y0 = self.region_image[:2]
+        first_column = max(math.floor((box_image.x0 - x0) / width), 0)
+        last_column = min(math.ceil((box_image.x1 - x0) / width), columns)
+        first_row = max(math.floor((box_image.y0 - y0) / height), 0)
+        last_row = min(math.ceil((box_image.y1 - y0) / height), rows)
+        return [
+            row * columns + column
+            for row in range(first_row, last_row)
+            for column in range(first_column, last_column)
+        ]
+
+    def grid_to_image(self, cam_grid: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+        """Upsample the view's (rows, columns) map onto its region (bilinear).
+
         Returns:
-            (x0, y0, x1, y1) as floats: the whole image for "squash", the centre crop otherwise.
+            (height, width) float32 of the whole image; NaN outside the region.
         """
         image_width, image_height = image_size
-        if self.resize_mode == "squash":
-            return 0.0, 0.0, float(image_width), float(image_height)
-        model_height, model_width = self.model_size
-        # The short side is scaled to the model size, then the centre is cropped out.
-        scale = max(model_width / image_width, model_height / image_height)
-        crop_width, crop_height = model_width / scale, model_height / scale
-        x0 = (image_width - crop_width) / 2
-        y0 = (image_height - crop_height) / 2
-        return x0, y0, x0 + crop_width, y0 + crop_height
-
-    def image_to_model_point(
-        self, image_size: tuple[int, int], point_image: tuple[float, float]
-    ) -> tuple[float, float]:
-        """Map a point from original image pixels to model input pixels."""
-        x0, y0, x1, y1 = self.visible_box(image_size)
-        model_height, model_width = self.model_size
-        x_image, y_image = point_image
-        return (
-            (x_image - x0) * model_width / (x1 - x0),
-            (y_image - y0) * model_height / (y1 - y0),
+        x0, y0, x1, y1 = (round(value) for value in self.region_image)
+        covered = Image.fromarray(np.asarray(cam_grid, dtype=np.float32)).resize(
+            (max(x1 - x0, 1), max(y1 - y0, 1)), Image.Resampling.BILINEAR
         )
+        cam_image = np.full((image_height, image_width), np.nan, dtype=np.float32)
+        cam_image[y0 : y0 + covered.height, x0 : x0 + covered.width] = np.asarray(covered)[
+            : image_height - y0, : image_width - x0
+        ]
+        return cam_image
 
-    def model_to_image_point(
-        self, image_size: tuple[int, int], point_model: tuple[float, float]
-    ) -> tuple[float, float]:
-        """Map a point from model input pixels back to original image pixels."""
-        x0, y0, x1, y1 = self.visible_box(image_size)
-        model_height, model_width = self.model_size
-        x_model, y_model = point_model
-        return (
-            x0 + x_model * (x1 - x0) / model_width,
-            y0 + y_model * (y1 - y0) / model_height,
-        )
 
-    def patch_at_model_point(self, point_model: tuple[float, float]) -> int | None:
-        """Patch id containing a model-pixel point, or None outside the model input."""
-        x_model, y_model = point_model
-        rows, columns = self.grid_shape
-        column, row = int(x_model // self.patch_size), int(y_model // self.patch_size)
-        if not (0 <= row < rows and 0 <= column < columns):
-            return None
-        return row * columns + column
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where every patch a model sees lies on one original image.
 
-    def patch_box_image(self, image_size: tuple[int, int], patch_id: int) -> Box:
+    Args:
+        image_size: (width, height) of the original image.
+        views: the regions the model sees, in the order its patches are numbered.
+    """
+
+    image_size: tuple[int, int]
+    views: tuple[View, ...]
+
+    @property
+    def patch_count(self) -> int:
+        return sum(view.patch_count for view in self.views)
+
+    def _view_starts(self) -> list[int]:
+        """The id of each view's first patch."""
+        starts, total = [], 0
+        for view in self.views:
+            starts.append(total)
+            total += view.patch_count
+        return starts
+
+    def view_grids(self, cam_patches: np.ndarray) -> list[np.ndarray]:
+        """Split a map of (patches,) values into one (rows, columns) grid per view."""
+        flat = np.asarray(cam_patches).ravel()
+        if flat.size != self.patch_count:
+            raise ValueError(f"a map of {flat.size} values does not fit {self.patch_count} patches")
+        return [
+            flat[start : start + view.patch_count].reshape(view.grid_shape)
+            for start, view in zip(self._view_starts(), self.views, strict=True)
+        ]
+
+    def cam_to_image(self, cam_patches: np.ndarray) -> np.ndarray:
+        """Compose a map of (patches,) values onto the original image: each view's grid is
+        upsampled onto its region, and where views overlap (tiles and a global view) the image
+        shows their mean.
+
+        Returns:
+            (height, width) float32; NaN where no view covers the image (CLIP's crop margins).
+        """
+        grids = self.view_grids(cam_patches)
+        if len(self.views) == 1:
+            return self.views[0].grid_to_image(grids[0], self.image_size)
+        layers = np.stack(
+            [view.grid_to_image(grid, self.image_size) for view, grid in zip(self.views, grids, strict=True)]
+        )  # (views, H, W)
+        covered = np.isfinite(layers).sum(axis=0)
+        total = np.nansum(layers, axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(covered > 0, total / covered, np.nan).astype(np.float32)
+
+    def cams_to_image(self, cam_patches: np.ndarray) -> np.ndarray:
+        """``cam_to_image`` for a stack of maps: (maps, patches) -> (maps, height, width)."""
+        return np.stack([self.cam_to_image(cam) for cam in cam_patches])
+
+    def _locate(self, patch_id: int) -> tuple[View, int]:
+        """The view a patch belongs to, and its id inside that view."""
+        for start, view in zip(self._view_starts(), self.views, strict=True):
+            if start <= patch_id < start + view.patch_count:
+                return view, patch_id - start
+        raise ValueError(f"patch {patch_id} is not among the {self.patch_count} patches")
+
+    def patch_box_image(self, patch_id: int) -> Box:
         """The pixels of the original image that one patch covers (rounded outwards)."""
-        columns = self.grid_shape[1]
-        row, column = divmod(patch_id, columns)
-        left, top = self.model_to_image_point(
-            image_size, (column * self.patch_size, row * self.patch_size)
-        )
-        right, bottom = self.model_to_image_point(
-            image_size, ((column + 1) * self.patch_size, (row + 1) * self.patch_size)
-        )
-        return clamp_box(
-            Box(math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)),
-            image_size,
-        )
+        view, local_id = self._locate(patch_id)
+        left, top, right, bottom = view.patch_box(local_id)
+        return clamp_box(Box(math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)), self.image_size)
 
-    def patch_lines_image(self, image_size: tuple[int, int]) -> tuple[list[float], list[float]]:
-        """x and y positions, in image pixels, of every patch boundary (for drawing a grid)."""
-        rows, columns = self.grid_shape
-        xs = [
-            self.model_to_image_point(image_size, (column * self.patch_size, 0))[0]
-            for column in range(columns + 1)
+    def patches_in_box(self, box_image: Box) -> list[int]:
+        """Ids of every patch, in any view, that the box (in image pixels) touches."""
+        if box_image.area == 0:
+            return []
+        return [
+            start + local_id
+            for start, view in zip(self._view_starts(), self.views, strict=True)
+            for local_id in view.patches_touching(box_image)
         ]
-        ys = [
-            self.model_to_image_point(image_size, (0, row * self.patch_size))[1]
-            for row in range(rows + 1)
-        ]
-        return xs, ys
+
+    @property
+    def finest_patch_image(self) -> tuple[float, float]:
+        """(width, height) in image pixels of the smallest patch of any view."""
+        return min((view.patch_size_image for view in self.views), key=lambda size: size[0] * size[1])
+
+    def patch_lines_image(self) -> tuple[list[float], list[float]]:
+        """x and y positions, in image pixels, of the patch boundaries of the view(s) with the
+        finest patches (for drawing a grid; a coarse global view would only clutter it)."""
+        finest = self.finest_patch_image
+        xs: set[float] = set()
+        ys: set[float] = set()
+        for view in self.views:
+            if view.patch_size_image != finest:
+                continue
+            x0, y0 = view.region_image[:2]
+            rows, columns = view.grid_shape
+            xs.update(x0 + column * finest[0] for column in range(columns + 1))
+            ys.update(y0 + row * finest[1] for row in range(rows + 1))
+        return sorted(xs), sorted(ys)
+
+
+def squash_geometry(image_size: tuple[int, int], grid_shape: tuple[int, int]) -> ImageGeometry:
+    """The whole image resized to the model's input without keeping its aspect (BLIP)."""
+    width, height = image_size
+    return ImageGeometry(image_size, (View((0.0, 0.0, float(width), float(height)), grid_shape),))
+
+
+def centre_crop_geometry(image_size: tuple[int, int], model_size: tuple[int, int], patch_size: int) -> ImageGeometry:
+    """The short side resized to the model's input, then the centre cropped out (CLIP,
+    LLaVA-1.5): the margins of a non-square image are never seen.
+
+    Args:
+        image_size: (width, height) of the original image.
+        model_size: (height, width) of the crop in model pixels.
+        patch_size: side of one patch in model pixels.
+    """
+    image_width, image_height = image_size
+    model_height, model_width = model_size
+    scale = max(model_width / image_width, model_height / image_height)
+    crop_width, crop_height = model_width / scale, model_height / scale
+    x0, y0 = (image_width - crop_width) / 2, (image_height - crop_height) / 2
+    view = View((x0, y0, x0 + crop_width, y0 + crop_height), (model_height // patch_size, model_width // patch_size))
+    return ImageGeometry(image_size, (view,))
+
+
+def aspect_resize_geometry(
+    image_size: tuple[int, int], resized_size: tuple[int, int], patch_size: int
+) -> ImageGeometry:
+    """The whole image resized, its aspect about kept, to ``resized_size`` (height, width) in
+    multiples of ``patch_size`` (Qwen2-VL's ``smart_resize``): one view, its grid from that size."""
+    width, height = image_size
+    resized_height, resized_width = resized_size
+    grid_shape = (resized_height // patch_size, resized_width // patch_size)
+    return ImageGeometry(image_size, (View((0.0, 0.0, float(width), float(height)), grid_shape),))
+
+
+def tiled_geometry(
+    image_size: tuple[int, int],
+    tiles: tuple[int, int],
+    tile_grid: tuple[int, int],
+    global_grid: tuple[int, int] | None,
+) -> ImageGeometry:
+    """The image cut into ``tiles`` (rows, columns) of equal size, each seen as a ``tile_grid``
+    of patches, then (SmolVLM, LLaVA-NeXT) the whole image once more as a global view."""
+    width, height = image_size
+    tile_rows, tile_columns = tiles
+    tile_width, tile_height = width / tile_columns, height / tile_rows
+    views = [
+        View((column * tile_width, row * tile_height, (column + 1) * tile_width, (row + 1) * tile_height), tile_grid)
+        for row in range(tile_rows)
+        for column in range(tile_columns)
+    ]
+    if global_grid is not None:
+        views.append(View((0.0, 0.0, float(width), float(height)), global_grid))
+    return ImageGeometry(image_size, tuple(views))
 
 
 def clamp_box(box: Box, image_size: tuple[int, int]) -> Box:
@@ -191,72 +309,20 @@ def box_from_corners(
     return clamp_box(box, image_size)
 
 
-def patches_in_box(geometry: PatchGeometry, image_size: tuple[int, int], box_image: Box) -> list[int]:
-    """Ids of every patch that the box (in image pixels) touches, in row-major order."""
-    if box_image.area == 0:
-        return []
-    left, top = geometry.image_to_model_point(image_size, (box_image.x0, box_image.y0))
-    right, bottom = geometry.image_to_model_point(image_size, (box_image.x1, box_image.y1))
-    rows, columns = geometry.grid_shape
-    size = geometry.patch_size
-    first_column, last_column = max(math.floor(left / size), 0), min(math.ceil(right / size), columns)
-    first_row, last_row = max(math.floor(top / size), 0), min(math.ceil(bottom / size), rows)
-    return [
-        row * columns + column
-        for row in range(first_row, last_row)
-        for column in range(first_column, last_column)
-    ]
 
-
-def top_patches(cam_grid: np.ndarray, fraction: float) -> list[int]:
-    """Ids of the highest-scoring patches, the top ``fraction`` of the grid (at least one).
+def top_patches(cam_patches: np.ndarray, fraction: float) -> list[int]:
+    """Ids of the highest-scoring patches, the top ``fraction`` of all patches (at least one).
 
     Args:
-        cam_grid: (rows, columns) float heatmap on the patch grid.
+        cam_patches: (patches,) float heatmap.
         fraction: share of patches to return, in (0, 1].
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    flat = np.asarray(cam_grid, dtype=np.float64).ravel()
+    flat = np.asarray(cam_patches, dtype=np.float64).ravel()
     count = max(1, round(fraction * flat.size))
     # Stable sort so equal scores keep a reproducible (row-major) order.
     return sorted(np.argsort(-flat, kind="stable")[:count].tolist())
-
-
-def cam_grid_to_image(
-    cam_grid: np.ndarray, geometry: PatchGeometry, image_size: tuple[int, int]
-) -> np.ndarray:
-    """Upsample a patch-grid heatmap to original image pixels (bilinear).
-
-    Args:
-        cam_grid: (rows, columns) float heatmap.
-        geometry: the model's geometry; decides which part of the image the map covers.
-        image_size: (width, height) of the original image.
-    Returns:
-        (height, width) float32; NaN where the model never saw the image (CLIP's crop margins).
-    """
-    cam_grid = np.asarray(cam_grid, dtype=np.float32)
-    if cam_grid.shape != geometry.grid_shape:
-        raise ValueError(f"cam_grid shape {cam_grid.shape} != grid {geometry.grid_shape}")
-    image_width, image_height = image_size
-    x0, y0, x1, y1 = geometry.visible_box(image_size)
-    covered_width = max(round(x1) - round(x0), 1)
-    covered_height = max(round(y1) - round(y0), 1)
-    covered = Image.fromarray(cam_grid).resize(
-        (covered_width, covered_height), Image.Resampling.BILINEAR
-    )
-    cam_image = np.full((image_height, image_width), np.nan, dtype=np.float32)
-    cam_image[round(y0) : round(y0) + covered_height, round(x0) : round(x0) + covered_width] = (
-        np.asarray(covered)[: image_height - round(y0), : image_width - round(x0)]
-    )
-    return cam_image
-
-
-def cam_grids_to_image(
-    cam_grids: np.ndarray, geometry: PatchGeometry, image_size: tuple[int, int]
-) -> np.ndarray:
-    """``cam_grid_to_image`` for a stack of maps: (maps, rows, columns) -> (maps, height, width)."""
-    return np.stack([cam_grid_to_image(cam_grid, geometry, image_size) for cam_grid in cam_grids])
 
 
 def mask_boxes(
@@ -286,14 +352,14 @@ def mask_boxes(
 
 def mask_patches(
     image: Image.Image,
-    geometry: PatchGeometry,
+    geometry: ImageGeometry,
     patch_ids: Sequence[int],
     fill: FillMode | Colour = "black",
     *,
     seed: int = 0,
 ) -> Image.Image:
     """Return a copy of ``image`` with the given patches' pixels replaced by ``fill``."""
-    boxes = [geometry.patch_box_image(image.size, patch_id) for patch_id in patch_ids]
+    boxes = [geometry.patch_box_image(patch_id) for patch_id in patch_ids]
     return mask_boxes(image, boxes, fill, seed=seed)
 
 

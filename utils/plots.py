@@ -3,6 +3,7 @@ thread-safe, and every browser session runs in its own thread)."""
 
 from __future__ import annotations
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from utils.metrics import CurveSet
@@ -27,4 +28,47 @@ def curves_figure(curves: CurveSet, word: str) -> Figure:
         axes.set_xlabel("share of patches " + ("masked" if by_map.direction == "deletion" else "restored"))
         axes.set_ylabel("p / p(original image)")
         axes.legend(fontsize="small")
+    return figure
+
+
+def mean_curves_figure(curve_records: list[dict]) -> Figure:
+    """Mean deletion and insertion curves of the heatmap (per layer) against random orders.
+
+    Args:
+        curve_records: lines of evaluate.py's curves.jsonl: "layer", "fractions" and, per
+            direction, "deletion" / "random_deletion" (and insertion) p / p(unmasked image),
+            one value per fraction. Records with other fractions than the first are left out.
+    """
+    figure = Figure(figsize=(10, 4), layout="tight")
+    fractions = curve_records[0]["fractions"]
+    records = [record for record in curve_records if record["fractions"] == fractions]
+    for axes, direction in zip(figure.subplots(1, 2), ("deletion", "insertion"), strict=True):
+        for layer in sorted({record["layer"] for record in records}):
+            mean = np.mean([record[direction] for record in records if record["layer"] == layer], axis=0)
+            axes.plot(fractions, mean, label=f"heatmap, {layer}")
+        axes.plot(fractions, np.mean([record[f"random_{direction}"] for record in records], axis=0),
+                  "k--", label="random order")  # fmt: skip
+        axes.set(title=f"{direction} ({len(records)} curves)", xlabel="share of patches " +
+                 ("masked" if direction == "deletion" else "restored"), ylabel="p / p(unmasked image)")  # fmt: skip
+        axes.legend(fontsize="small")
+    return figure
+
+
+def pointing_game_figure(per_layer: dict[str, dict]) -> Figure:
+    """Bar chart of the pointing game per category, one group of bars per layer.
+
+    Args:
+        per_layer: layer name -> metrics whose "pointing_game_by_category" maps a category to
+            its hit rate, 0 to 1 (None where it has no finite value: left out).
+    """
+    figure = Figure(figsize=(8, 4), layout="tight")
+    axes = figure.subplots()
+    width = 0.8 / len(per_layer)
+    for slot, (layer, metrics) in enumerate(per_layer.items()):
+        by_category = {name: value for name, value in metrics["pointing_game_by_category"].items() if value is not None}
+        positions = np.arange(len(by_category)) + slot * width
+        axes.bar(positions, list(by_category.values()), width, label=layer)
+        axes.set_xticks(positions, list(by_category))
+    axes.set(ylim=(0, 1), ylabel="pointing game (hit rate)", title="Pointing game per category")
+    axes.legend(fontsize="small")
     return figure

@@ -1,0 +1,513 @@
+"""One interface for every captioning vision-language model, and the engine the families share.
+
+A family (one file, e.g. models/blip_explainer.py) says only what differs: how it loads and
+captions, how a teacher-forced forward pass scores ids, which modules each explanation method
+reads and how their tokens become patch relevance, and how its patches sit on the image.
+Everything else lives here once: result types, targets, one forward pass plus one gradient call
+per word for every layer, occlusion in batches, the per-call hooks, the sanity-check copy.
+
+Token alignment, for every family: the logits at position ``t - 1`` score the id at ``t``.
+Whole words come from the tokenizer's own decoding, never from a family's piece markers, so
+WordPiece ("##s"), SentencePiece ("▁red") and byte-level BPE ("Ġred") all give the same words.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Self
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from models.cam_methods import gradient_attention
+from models.denormals import in_denormal_mode
+from models.hooks import capture_outputs
+from models.loading import ProgressCallback, load_explainer
+from utils.patch_utils import ImageGeometry
+
+# A word is a run of letters and digits (with inner hyphens or apostrophes), or one mark of
+# punctuation: "square." is the words "square" and ".", as a reader would point at them.
+WORD_PATTERN = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
+
+
+@dataclass(frozen=True)
+class CaptionWord:
+    """One whole caption word and the ids that spell it: ``token_ids[start:end]``."""
+
+    text: str
+    start: int
+    end: int
+
+
+def caption_words(
+    tokenizer, token_ids: Sequence[int], first_position: int, special_ids: Collection[int]
+) -> tuple[CaptionWord, ...]:
+    """The whole words of a caption, from the tokenizer's own decoding.
+
+    Each piece's share of the text is read off by decoding growing prefixes; a piece that
+    decodes to white space alone (SentencePiece's lone "▁") joins the word after it.
+
+    Args:
+        tokenizer: a transformers tokenizer (slow or fast).
+        token_ids: every id of the sequence: prompt, template and answer alike.
+        first_position: index of the first id that may be part of an explainable word;
+            earlier ids (BOS, prompt, image and template tokens) never are.
+        special_ids: ids that are never words (BOS, EOS, padding, image tokens, ...).
+    Returns:
+        The words in order.
+    """
+    positions = [p for p in range(first_position, len(token_ids)) if token_ids[p] not in special_ids]
+    ids = [token_ids[p] for p in positions]
+    decode = lambda pieces: tokenizer.decode(pieces, clean_up_tokenization_spaces=False)  # noqa: E731
+    text = decode(ids)
+    ends = [min(len(decode(ids[: count + 1])), len(text)) for count in range(len(ids))]
+    spans = [match.span() for match in WORD_PATTERN.finditer(text)]
+    pieces_of_word: list[list[int]] = [[] for _ in spans]
+    start = 0
+    for position, end in zip(positions, ends, strict=True):
+        word = _word_at(spans, start)
+        if word is not None:
+            pieces_of_word[word].append(position)
+        start = max(start, end)
+    return tuple(
+        CaptionWord(text[span[0] : span[1]], pieces[0], pieces[-1] + 1)
+        for span, pieces in zip(spans, pieces_of_word, strict=True)
+        if pieces
+    )
+
+
+def _word_at(spans: Sequence[tuple[int, int]], start: int) -> int | None:
+    """Index of the word that a piece starting at character ``start`` belongs to: the first word
+    that does not end before it (a piece of white space alone thus joins the next word); None
+    after the last word."""
+    return next((index for index, (_, word_end) in enumerate(spans) if word_end > start), None)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A generated caption.
+
+    Args:
+        text: the decoded caption, prompt included.
+        token_ids: every id the explanation's forward pass reads, in order (BOS, prompt,
+            caption pieces, end of sequence).
+        pieces: the piece of each id (special tokens included).
+        words: the caption's whole words after the prompt.
+        prompt_length: number of ids before the first generated caption piece (BOS included).
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    pieces: tuple[str, ...]
+    words: tuple[CaptionWord, ...]
+    prompt_length: int
+
+
+@dataclass(frozen=True)
+class WordMaps:
+    """Relevance maps of one caption word, one per entry of ``layer_names``.
+
+    Args:
+        word: the explained word.
+        method: key of the explainer's ``methods``.
+        layer_names: one label per map, shallow to deep.
+        cam_patches: (maps, patches) float32 relevance of every patch the model saw, >= 0;
+            the explainer's ``image_geometry`` puts the patches on the image.
+        score: the explained target (log p of the word, or the contrastive difference).
+    """
+
+    word: str
+    method: str
+    layer_names: tuple[str, ...]
+    cam_patches: np.ndarray
+    score: float
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How captions are generated: optional prompt, length limit, beam width (1 = greedy)."""
+
+    prompt: str = ""
+    max_new_tokens: int = 30
+    num_beams: int = 1
+
+
+# A target maps log-probabilities (..., tokens, vocabulary) to one score per leading index.
+Target = Callable[[torch.Tensor], torch.Tensor]
+
+
+def token_log_prob_target(token_ids: Sequence[int], positions: Sequence[int]) -> Target:
+    """Target: summed log p of the ids at ``positions``, each scored by the logits before it."""
+
+    def target(log_probs: torch.Tensor) -> torch.Tensor:
+        return sum(log_probs[..., position - 1, token_ids[position]] for position in positions)
+
+    return target
+
+
+def contrastive_target(token_ids: Sequence[int], position: int, foil_id: int) -> Target:
+    """Target: log p(the caption's id) - log p(foil id) at one position ("why dog, not cat?")."""
+
+    def target(log_probs: torch.Tensor) -> torch.Tensor:
+        row = log_probs[..., position - 1, :]
+        return row[..., token_ids[position]] - row[..., foil_id]
+
+    return target
+
+
+# How one captured layer becomes patch relevance: (activation (1, ...), gradients (words, 1, ...),
+# caption, word indices) -> (words, patches).
+LayerRelevance = Callable[[torch.Tensor, torch.Tensor, Caption, Sequence[int]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GradientMethod:
+    """A method that reads captured modules and the target's gradient with respect to them.
+
+    Args:
+        label: what the page calls it.
+        modules: the modules whose outputs are captured, shallow to deep.
+        layer_names: one label per module.
+        relevance: turns one module's output and gradients into patch relevance.
+        output_index: which element of a module's tuple output to capture.
+        pooled_name: if set, a last map is appended: the mean over all modules' maps, so named.
+    """
+
+    label: str
+    modules: tuple[nn.Module, ...]
+    layer_names: tuple[str, ...]
+    relevance: LayerRelevance
+    output_index: int = 0
+    pooled_name: str | None = None
+
+    @property
+    def map_names(self) -> tuple[str, ...]:
+        return (*self.layer_names, self.pooled_name) if self.pooled_name else self.layer_names
+
+
+@dataclass(frozen=True)
+class OcclusionMethod:
+    """The drop in the target when blocks of patches are occluded, in batched forward passes."""
+
+    label: str = "Patch occlusion (drop in log p)"
+    map_names: tuple[str, ...] = ("image patches",)
+
+
+Method = GradientMethod | OcclusionMethod
+
+
+def patch_token_relevance(cam_function, first_patch_token: int) -> LayerRelevance:
+    """Relevance of a vision layer's patch tokens by a CAM formula (models.cam_methods).
+
+    Args:
+        cam_function: (activations, gradients) -> relevance per token.
+        first_patch_token: tokens before it are not patches (1 for a CLS token, 0 for none).
+    """
+
+    def relevance(activation, gradients, caption, word_indices):  # (1, T, D), (W, 1, T, D)
+        return cam_function(activation[:, first_patch_token:], gradients[:, :, first_patch_token:])[:, 0]
+
+    return relevance
+
+
+def attention_row_relevance(first_patch_key: int) -> LayerRelevance:
+    """Gradient x attention from the rows that predict each word (row t - 1 predicts id t) to
+    the image's patch keys, summed over the word's pieces and averaged over heads.
+
+    Args:
+        first_patch_key: keys before it are not patches (1 for a CLS token).
+    """
+
+    def relevance(attention, gradients, caption, word_indices):  # (1, H, Q, K), (W, 1, H, Q, K)
+        maps = []
+        for slot, index in enumerate(word_indices):
+            word = caption.words[index]
+            rows = slice(word.start - 1, word.end - 1)
+            per_piece = gradient_attention(
+                attention[0, :, rows].transpose(0, 1), gradients[slot, 0, :, rows].transpose(0, 1)
+            )  # (pieces, keys)
+            maps.append(per_piece.sum(dim=0)[first_patch_key:])
+        return torch.stack(maps)
+
+    return relevance
+
+
+# Occlusion: blocks of patches keep a large grid near this many forward passes per side.
+OCCLUSION_MAX_BLOCKS_PER_SIDE = 12
+OCCLUSION_BATCH = 16
+
+
+def occlusion_blocks(geometry: ImageGeometry) -> list[list[int]]:
+    """Patch ids grouped into square blocks, view by view, so that no view needs more than
+    OCCLUSION_MAX_BLOCKS_PER_SIDE blocks per side."""
+    blocks, first = [], 0
+    for view in geometry.views:
+        rows, columns = view.grid_shape
+        side = max(1, math.ceil(max(rows, columns) / OCCLUSION_MAX_BLOCKS_PER_SIDE))
+        for top in range(0, rows, side):
+            for left in range(0, columns, side):
+                blocks.append([
+                    first + row * columns + column
+                    for row in range(top, min(top + side, rows))
+                    for column in range(left, min(left + side, columns))
+                ])
+        first += view.patch_count
+    return blocks
+
+
+class CaptionerExplainer:
+    """Captions an image and explains each caption word with heatmaps; one subclass per family.
+
+    One instance serves many threads at once: it holds no per-call state, and activations are
+    captured per call by hooks that see only their own thread's forward passes. Gradients are
+    taken with ``torch.autograd.grad`` with respect to activations, so nothing is ever written
+    to the shared parameters' ``.grad``.
+
+    Args:
+        model: the family's model, frozen, in eval mode.
+        processor: its processor (image processor and tokenizer).
+        device: where the model lives.
+        flush_denormals: flush denormal floats to zero in the computing threads (see
+            models.denormals); False only to measure what that saves.
+    """
+
+    # What a family declares.
+    model_class: ClassVar[type]
+    processor_class: ClassVar[type]
+    model_types: ClassVar[tuple[str, ...]]  # the ``config.model_type`` values it explains
+    demo_component: ClassVar[str]  # the bundled demo folder that "shapes-demo" means for it
+    default_method: ClassVar[str]
+    patch_size: int  # side of one patch in model pixels, read from the config by the family
+
+    def __init__(self, model: nn.Module, processor, device: torch.device | None = None, flush_denormals: bool = True):
+        self.model = model
+        self.processor = processor
+        self.device = device or next(model.parameters()).device
+        self.flush_denormals = flush_denormals
+        self.methods: dict[str, Method] = self.build_methods()
+
+    @classmethod
+    def from_pretrained(cls, source: str, device: str = "auto", on_progress: ProgressCallback | None = None) -> Self:
+        """Load from a hub id, a local folder or "shapes-demo" (see models.loading)."""
+        return load_explainer(cls, source, device, on_progress)
+
+    # ------------------------------------------------------------ what a family provides
+
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """Where the patches the model sees lie on an image of (width, height), in the order of
+        the maps' patches (see utils.patch_utils)."""
+        raise NotImplementedError
+
+    def build_methods(self) -> dict[str, Method]:
+        """The explanation methods this family supports, keyed by name, in menu order."""
+        raise NotImplementedError
+
+    def model_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """The processor's image inputs for a batch of RGB images, on the device."""
+        raise NotImplementedError
+
+    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """(batch, ids, vocabulary) logits of one forward pass over the given ids, as they are."""
+        raise NotImplementedError
+
+    def caption(self, image: Image.Image, prompt: str = "", max_new_tokens: int = 30, num_beams: int = 1) -> Caption:
+        """Generate a caption (greedy when ``num_beams`` is 1), optionally continuing ``prompt``."""
+        raise NotImplementedError
+
+    def vision_tower_layers(self) -> Sequence[nn.Module]:
+        """The vision encoder's layers, shallow to deep (the sanity check re-randomises the top ones)."""
+        raise NotImplementedError
+
+    def occluded_inputs(self, inputs: dict[str, torch.Tensor], blocks: Sequence[Sequence[int]]) -> dict:
+        """The inputs repeated once per block of patch ids, each with its block's pixels set to
+        the normalised dataset mean (zero). This default serves a (1, 3, H, W) ``pixel_values``
+        seen as one grid; families whose pixels are tiled or flattened override it."""
+        patch, columns = self.patch_size, inputs["pixel_values"].shape[-1] // self.patch_size
+        occluded = inputs["pixel_values"].repeat(len(blocks), 1, 1, 1)
+        for slot, block in enumerate(blocks):
+            for patch_id in block:
+                row, column = divmod(patch_id, columns)
+                occluded[slot, :, row * patch : (row + 1) * patch, column * patch : (column + 1) * patch] = 0
+        return {**inputs, "pixel_values": occluded}
+
+    # ------------------------------------------------------------ shared by every family
+
+    def method_label(self, method: str) -> str:
+        return self._method(method).label
+
+    def layer_names(self, method: str) -> tuple[str, ...]:
+        """Labels of the maps a method returns, shallow to deep."""
+        return self._method(method).map_names
+
+    def default_layer(self, method: str) -> int:
+        """Index of the map shown first: the last one (the deepest layer, or the mean over
+        layers where a method pools them, which pointed best on the shapes benchmark)."""
+        return len(self.layer_names(method)) - 1
+
+    def _method(self, method: str) -> Method:
+        if method not in self.methods:
+            raise ValueError(f"unknown method {method!r}; choose one of {tuple(self.methods)}")
+        return self.methods[method]
+
+    @in_denormal_mode
+    @torch.no_grad()
+    def token_log_probs(self, images: Sequence[Image.Image], token_ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced log p of every id given each image, in one batched forward pass.
+
+        Returns:
+            (images, ids) float32; column 0 (never predicted) is NaN.
+        """
+        ids = torch.tensor([list(token_ids)], device=self.device).expand(len(images), -1)
+        logits = self.teacher_forced_logits(self.model_inputs(images), ids)  # (B, T, V)
+        log_probs = logits[:, :-1].log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+        nan_column = torch.full((len(images), 1), math.nan, device=self.device)
+        return torch.cat([nan_column, log_probs], dim=1).float().cpu().numpy()
+
+    def word_target(
+        self, caption: Caption, word_index: int, piece: int | None = None, foil: str | None = None
+    ) -> Target:
+        """The target for one caption word.
+
+        Args:
+            caption: the caption the word belongs to.
+            word_index: index into ``caption.words``.
+            piece: explain only this piece of the word (0-based); None for all its pieces.
+            foil: a contrasting word; the target becomes log p(word) - log p(foil) at the
+                word's first piece. The foil must be a single piece of the vocabulary.
+        """
+        word = caption.words[word_index]
+        positions = list(range(word.start, word.end))
+        if piece is not None:
+            positions = [positions[piece]]
+        if foil is None:
+            return token_log_prob_target(caption.token_ids, positions)
+        foil_ids = self.processor.tokenizer(foil.strip(), add_special_tokens=False).input_ids
+        if len(foil_ids) != 1:
+            raise ValueError(f"the foil {foil!r} is not a single word piece of this model's vocabulary")
+        return contrastive_target(caption.token_ids, positions[0], foil_ids[0])
+
+    @in_denormal_mode
+    def explain(
+        self,
+        image: Image.Image,
+        caption: Caption,
+        word_indices: Sequence[int] | None = None,
+        method: str | None = None,
+        piece: int | None = None,
+        foil: str | None = None,
+    ) -> list[WordMaps]:
+        """Heatmaps of caption words for every layer, all words sharing one forward pass.
+
+        Args:
+            image: RGB image the caption was generated for.
+            caption: from ``caption()``.
+            word_indices: which of ``caption.words``; None explains them all.
+            method: a key of ``methods``; None for the family's default.
+            piece, foil: see ``word_target``.
+        Returns:
+            One WordMaps per requested word, in order.
+        """
+        method = method or self.default_method
+        chosen = self._method(method)
+        indices = range(len(caption.words)) if word_indices is None else list(word_indices)
+        if not indices:
+            return []
+        targets = [self.word_target(caption, index, piece, foil) for index in indices]
+        inputs = self.model_inputs([image])
+        ids = torch.tensor([caption.token_ids], device=self.device)
+        if isinstance(chosen, OcclusionMethod):
+            blocks = occlusion_blocks(self.image_geometry(image.size))
+            scores, cam_patches = self._occlusion_maps(inputs, ids, targets, blocks)
+        else:
+            scores, cam_patches = self._gradient_maps(chosen, inputs, ids, targets, caption, indices)
+        cam_patches = cam_patches.float().cpu().numpy()  # (W, maps, patches)
+        return [
+            WordMaps(caption.words[index].text, method, chosen.map_names, cam_patches[slot], float(scores[slot]))
+            for slot, index in enumerate(indices)
+        ]
+
+    def _gradient_maps(
+        self,
+        method: GradientMethod,
+        inputs: dict[str, torch.Tensor],
+        ids: torch.Tensor,
+        targets: Sequence[Target],
+        caption: Caption,
+        word_indices: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (words,) and maps (words, maps, patches): one forward pass shared by all
+        words, then one gradient call per word for every layer."""
+        # Frozen parameters: without an input that requires grad nothing would be differentiable.
+        inputs = {
+            name: value.detach().requires_grad_(True) if value.is_floating_point() else value
+            for name, value in inputs.items()
+        }
+        with (
+            torch.enable_grad(),
+            capture_outputs(method.modules, output_index=method.output_index) as captured,
+        ):
+            log_probs = self.teacher_forced_logits(inputs, ids)[0].log_softmax(dim=-1)  # (T, V)
+            scores = torch.stack([target(log_probs) for target in targets])  # (W,)
+            # One backward pass per word over the one shared forward graph. (Batching them with
+            # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.)
+            per_word = [
+                torch.autograd.grad(score, captured, retain_graph=slot < len(targets) - 1)
+                for slot, score in enumerate(scores)
+            ]
+        gradients = [torch.stack(layer_gradients) for layer_gradients in zip(*per_word, strict=True)]  # (W, 1, ...)
+        maps = [
+            method.relevance(activation, gradient, caption, word_indices)  # (W, patches)
+            for activation, gradient in zip(captured, gradients, strict=True)
+        ]
+        if method.pooled_name:
+            # A mean rather than a sum keeps the pooled map on the layers' scale, so a colour
+            # scale shared with the single layers still shows them.
+            maps.append(torch.stack(maps).mean(dim=0))
+        return scores.detach(), torch.stack(maps, dim=1).detach()
+
+    @torch.no_grad()
+    def _occlusion_maps(
+        self,
+        inputs: dict[str, torch.Tensor],
+        ids: torch.Tensor,
+        targets: Sequence[Target],
+        blocks: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (words,) and maps (words, 1, patches): the drop of each target when a block of
+        patches is occluded, in batched forward passes; every patch of a block gets its drop."""
+
+        def scores_of(batch_inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:  # -> (B, W)
+            log_probs = self.teacher_forced_logits(batch_inputs, ids.expand(batch, -1)).log_softmax(dim=-1)
+            return torch.stack([target(log_probs) for target in targets], dim=-1)
+
+        base_scores = scores_of(inputs, 1)[0]  # (W,)
+        cam = torch.zeros(len(targets), sum(len(block) for block in blocks), device=self.device)
+        for first in range(0, len(blocks), OCCLUSION_BATCH):
+            chunk = blocks[first : first + OCCLUSION_BATCH]
+            drops = torch.relu(base_scores - scores_of(self.occluded_inputs(inputs, chunk), len(chunk)))  # (B, W)
+            for slot, block in enumerate(chunk):
+                cam[:, list(block)] = drops[slot, :, None]
+        return base_scores, cam[:, None]
+
+    def randomised_copy(self, top_layers: int, seed: int) -> Self:
+        """This explainer on a deep copy of its model whose top vision layers have random weights.
+
+        Cascading model randomisation (Adebayo et al., 2018). Each parameter of the top
+        ``top_layers`` vision layers is redrawn from a normal with the trained tensor's mean and
+        spread, so activations keep their scale but lose what was learnt. The shared model is
+        never touched.
+        """
+        randomised = type(self)(copy.deepcopy(self.model), self.processor, self.device, self.flush_denormals)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in randomised.vision_tower_layers()[-top_layers:]:
+                for parameter in layer.parameters():
+                    noise = torch.randn(parameter.shape, generator=generator).to(parameter.device)
+                    parameter.copy_(parameter.mean() + parameter.std(correction=0) * noise)
+        return randomised

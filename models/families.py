@@ -1,0 +1,53 @@
+"""Which explainer family a captioning checkpoint belongs to, read from its config.json.
+
+One table maps ``config.model_type`` to the family that explains it, as transformers'
+``auto`` classes do; the page, ``evaluate.py`` and the benchmarks load captioners through
+``load_captioner`` and never name a family's class. Adding a family = one file in models/ and
+one entry here.
+"""
+
+from __future__ import annotations
+
+from models.blip_explainer import BlipExplainer
+from models.explainer import CaptionerExplainer
+from models.loading import (
+    ModelUnavailableError,
+    ProgressCallback,
+    explainer_from_folder,
+    model_type_of,
+    pick_device,
+    resolve_model_dir,
+)
+
+CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer,)
+# The bundled demo folder that "shapes-demo" means for a captioner.
+CAPTIONER_DEMO_COMPONENT = "blip"
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(model_type for family in CAPTIONER_FAMILIES for model_type in family.model_types)
+
+
+def captioner_family(model_type: str) -> type[CaptionerExplainer]:
+    """The family that explains checkpoints of ``model_type``.
+
+    Raises:
+        ModelUnavailableError: no family explains it; the message lists those that do.
+    """
+    for family in CAPTIONER_FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise ModelUnavailableError(
+        f"Models of type {model_type or 'unknown'!r} are not supported as captioners; "
+        f"supported types: {', '.join(supported_model_types())}."
+    )
+
+
+def load_captioner(
+    source: str, device: str = "auto", on_progress: ProgressCallback | None = None
+) -> CaptionerExplainer:
+    """The explainer for the captioner that ``source`` names ("shapes-demo", a folder or a hub
+    id), of the family its config.json declares."""
+    folder = resolve_model_dir(source, CAPTIONER_DEMO_COMPONENT, on_progress)
+    family = captioner_family(model_type_of(folder))
+    return explainer_from_folder(family, folder, pick_device(device))
