@@ -14,6 +14,7 @@ from models.cam_methods import hires_cam
 from models.hooks import capture_outputs
 from models.loading import torch_threads
 from tests.conftest import random_image
+from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
 from tests.tiny_models import BOS_ID, SEP_ID, VOCABULARY
 
 # "a red dog ##s and blue square" with BLIP's BOS first and [SEP] last, as generate() returns it.
@@ -150,6 +151,11 @@ def test_occlusion_is_the_drop_in_log_p_when_a_patch_is_zeroed(tiny_blip, captio
     expected = max(log_p(pixel_values) - log_p(occluded), 0.0)
     columns = tiny_blip.image_geometry(image.size).views[0].grid_shape[1]
     assert maps.cam_patches[0, 1 * columns + 2] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("image_size", [(80, 48), (40, 120)])
+def test_squash_geometry_matches_the_real_processor(tiny_blip, image_size):
+    assert_patch_boxes_reach_their_own_patches(tiny_blip, image_size)
 
 
 def test_no_hook_is_left_even_after_an_error(tiny_blip, caption, monkeypatch):

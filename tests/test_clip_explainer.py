@@ -1,4 +1,5 @@
-"""CLIP explainer on a tiny random CLIP: similarity maths, layer choice, crop geometry, hooks."""
+"""CLIP explainer on a tiny random CLIP: similarity maths, maps against a hand-run vision tower,
+layer choice, crop geometry against the real processor, hooks."""
 
 from __future__ import annotations
 
@@ -7,9 +8,45 @@ import copy
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.nn import functional
 
-from models.clip_explainer import ClipExplainer
+from models.clip_explainer import CLIP_METHODS, ClipExplainer
 from tests.conftest import random_image
+from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
+
+
+def hand_run_map(clip: ClipExplainer, image, text: str, layer: int, method: str, read_raw: bool = False) -> np.ndarray:
+    """A map recomputed without the explainer, its hooks or its CAM functions: the vision tower
+    run block by block, the chosen activation made a leaf, the CAM formula written out.
+
+    The deepest map reads the last block's first LayerNorm output (``read_raw`` reads the block
+    before it instead, which is what a wrong implementation would do).
+    """
+    model, vision = clip.model, clip.model.vision_model
+    inputs = clip.processor(images=image, text=[text], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        text_features = model.get_text_features(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
+    text_embedding = functional.normalize(text_features.pooler_output, dim=-1)  # (1, D)
+    blocks = vision.encoder.layers
+    reads_layer_norm = layer == len(blocks) - 2 and not read_raw
+    with torch.enable_grad():
+        hidden = vision.pre_layrnorm(vision.embeddings(inputs.pixel_values))  # (1, T, D)
+        for index, block in enumerate(blocks):
+            if reads_layer_norm and index == len(blocks) - 1:
+                activation = block.layer_norm1(hidden).detach().requires_grad_(True)
+                hidden = hidden + block.self_attn(hidden_states=activation, attention_mask=None)[0]
+                hidden = hidden + block.mlp(block.layer_norm2(hidden))
+                continue
+            hidden = block(hidden, None)
+            if index == layer and not reads_layer_norm:
+                activation = hidden = hidden.detach().requires_grad_(True)
+        image_embedding = functional.normalize(model.visual_projection(vision.post_layernorm(hidden[:, 0])), dim=-1)
+        (gradient,) = torch.autograd.grad((image_embedding * text_embedding).sum(), activation)
+    tokens, gradients = activation[0, 1:].detach(), gradient[0, 1:]  # patch tokens, CLS dropped
+    if method == "gradcam":
+        return torch.relu((gradients.mean(dim=0) * tokens).sum(dim=-1)).numpy()
+    return torch.relu((gradients * tokens).sum(dim=-1)).numpy()
 
 
 def test_similarity_is_cosine_x100_and_softmax_over_texts(tiny_clip):
@@ -35,6 +72,49 @@ def test_default_layer_gives_a_real_map(tiny_clip):
     assert clip_map.cam_patches.shape == (tiny_clip.image_geometry((48, 40)).patch_count,)
     assert np.isfinite(clip_map.cam_patches).all()
     assert clip_map.cam_patches.max() > 0
+
+
+@pytest.mark.parametrize("method", CLIP_METHODS)
+def test_every_map_equals_the_hand_run_vision_tower(tiny_clip, method):
+    image = random_image(12, (56, 40))
+    for layer in tiny_clip.cam_layers:
+        clip_map = tiny_clip.explain(image, "a red dog", layer=layer, method=method)
+        expected = hand_run_map(tiny_clip, image, "a red dog", layer, method)
+        assert expected.max() > 0 and np.count_nonzero(expected) >= 2, "a blank map would prove nothing"
+        np.testing.assert_allclose(clip_map.cam_patches, expected, rtol=1e-4, atol=1e-8)
+    other_layer = hand_run_map(tiny_clip, image, "a red dog", 0, method)
+    assert not np.allclose(other_layer, clip_map.cam_patches, rtol=1e-2), "the test must tell the layers apart"
+
+
+def test_deepest_map_is_read_after_the_last_layer_norm_not_before(tiny_clip):
+    image = random_image(13)
+    deepest = tiny_clip.default_layer
+    clip_map = tiny_clip.explain(image, "a blue square", method="hirescam")
+    raw = hand_run_map(tiny_clip, image, "a blue square", deepest, "hirescam", read_raw=True)
+    assert not np.allclose(clip_map.cam_patches, raw, rtol=1e-2, atol=1e-6)
+    assert "normalised" in clip_map.layer_name
+
+
+def test_crop_margins_change_neither_the_map_nor_the_score(tiny_clip):
+    """A 96 x 48 image is seen as its central 48 x 48 (x from 24 to 72): whatever the margins
+    hold, CLIP sees the same pixels, while a change inside the crop changes the map."""
+    pixels = np.asarray(random_image(14, (96, 48))).copy()
+    original = tiny_clip.explain(Image.fromarray(pixels), "a red dog", method="hirescam")
+    margins = pixels.copy()
+    margins[:, :18] = 255 - margins[:, :18]  # a few pixels short of the crop: resampling reads near it
+    margins[:, 78:] = 0
+    with_margins = tiny_clip.explain(Image.fromarray(margins), "a red dog", method="hirescam")
+    np.testing.assert_array_equal(with_margins.cam_patches, original.cam_patches)
+    assert with_margins.cosine_x100 == original.cosine_x100
+    inside = pixels.copy()
+    inside[:, 40:56] = 255 - inside[:, 40:56]
+    changed = tiny_clip.explain(Image.fromarray(inside), "a red dog", method="hirescam")
+    assert not np.allclose(changed.cam_patches, original.cam_patches)
+
+
+@pytest.mark.parametrize("image_size", [(96, 48), (50, 90)])
+def test_crop_geometry_matches_the_real_processor(tiny_clip, image_size):
+    assert_patch_boxes_reach_their_own_patches(tiny_clip, image_size)
 
 
 def test_last_layer_is_refused_not_blank(tiny_clip):
