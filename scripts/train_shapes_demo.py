@@ -100,27 +100,19 @@ def check_round_trip(tokenizer, captions: list[str]) -> None:
             raise RuntimeError(f"tokenizer round trip failed: {caption!r} -> {ids} -> {decoded!r}")
 
 
-# Both models see images through the same small ViT.
-VISION_TOWER = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "image_size": IMAGE_SIZE,
-    "patch_size": PATCH_SIZE,
-}
+# Every tower of both models has this width; both see images through the same small ViT.
+TOWER_WIDTH = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4}
+VISION_TOWER = {**TOWER_WIDTH, "num_hidden_layers": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
 
 
 def build_blip(tokenizer: BertTokenizer) -> BlipForConditionalGeneration:
     """Small BLIP captioner: 4-layer ViT on 128 px / 16 px patches, 3-layer text decoder."""
     vision_config = dict(VISION_TOWER)
     text_config = {
+        **TOWER_WIDTH,
         "vocab_size": len(tokenizer),
-        "hidden_size": 128,
-        "encoder_hidden_size": 128,
-        "intermediate_size": 256,
+        "encoder_hidden_size": VISION_TOWER["hidden_size"],
         "num_hidden_layers": 3,
-        "num_attention_heads": 4,
         "max_position_embeddings": BLIP_MAX_TOKENS,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
@@ -140,11 +132,9 @@ def build_clip(tokenizer: BertTokenizer) -> CLIPModel:
     """Small CLIP: 4-layer ViT on 128 px / 16 px patches, 2-layer text tower pooled at [SEP]."""
     vision_config = dict(VISION_TOWER)
     text_config = {
+        **TOWER_WIDTH,
         "vocab_size": len(tokenizer),
-        "hidden_size": 128,
-        "intermediate_size": 256,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
         "max_position_embeddings": CLIP_MAX_TOKENS,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.cls_token_id,

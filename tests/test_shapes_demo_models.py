@@ -29,22 +29,24 @@ def offline():
         yield
 
 
-@pytest.fixture(scope="module")
-def blip():
-    """(model, processor) of the bundled captioner, loaded as the app loads it."""
-    folder = DEMO_FOLDER / "blip"
-    model, loading_info = BlipForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+def load_demo(name: str, model_class) -> tuple:
+    """(model, processor) of one bundled demo folder; every weight must fit ``model_class``."""
+    folder = DEMO_FOLDER / name
+    model, loading_info = model_class.from_pretrained(folder, output_loading_info=True)
     assert not any(loading_info.values()), loading_info
     return model.eval(), AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def blip():
+    """(model, processor) of the bundled captioner."""
+    return load_demo("blip", BlipForConditionalGeneration)
 
 
 @pytest.fixture(scope="module")
 def clip():
     """(model, processor) of the bundled dual encoder."""
-    folder = DEMO_FOLDER / "clip"
-    model, loading_info = CLIPModel.from_pretrained(folder, output_loading_info=True)
-    assert not any(loading_info.values()), loading_info
-    return model.eval(), AutoProcessor.from_pretrained(folder)
+    return load_demo("clip", CLIPModel)
 
 
 def test_checkpoints_are_small_safetensors_only():
