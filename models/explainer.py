@@ -29,7 +29,7 @@ from models.cam_methods import gradient_attention
 from models.denormals import in_denormal_mode
 from models.hooks import capture_outputs
 from models.loading import ProgressCallback, load_explainer
-from utils.patch_utils import ImageGeometry
+from utils.patch_utils import ImageGeometry, squash_geometry
 
 # A word is a run of letters and digits (with inner hyphens or apostrophes), or one mark of
 # punctuation: "square." is the words "square" and ".", as a reader would point at them.
@@ -328,12 +328,15 @@ class CaptionerExplainer:
         """The inputs repeated once per block of patch ids, each with its block's pixels set to
         the normalised dataset mean (zero). This default serves a (1, 3, H, W) ``pixel_values``
         seen as one grid; families whose pixels are tiled or flattened override it."""
-        patch, columns = self.patch_size, inputs["pixel_values"].shape[-1] // self.patch_size
+        height, width = inputs["pixel_values"].shape[-2:]
+        # The model's input as one patch grid, so its boxes (in model pixels) come from the one
+        # function that turns a patch id into a box.
+        model_grid = squash_geometry((width, height), (height // self.patch_size, width // self.patch_size))
         occluded = inputs["pixel_values"].repeat(len(blocks), 1, 1, 1)
         for slot, block in enumerate(blocks):
             for patch_id in block:
-                row, column = divmod(patch_id, columns)
-                occluded[slot, :, row * patch : (row + 1) * patch, column * patch : (column + 1) * patch] = 0
+                box = model_grid.patch_box_image(patch_id)
+                occluded[slot, :, box.y0 : box.y1, box.x0 : box.x1] = 0
         return {**inputs, "pixel_values": occluded}
 
     # ------------------------------------------------------------ shared by every family
