@@ -23,7 +23,7 @@ from transformers import AutoProcessor, CLIPModel
 from models.cam_methods import VISION_LAYER_METHODS
 from models.denormals import in_denormal_mode
 from models.hooks import capture_outputs
-from models.loading import CLIP_BASE, ProgressCallback, load_explainer
+from models.loading import PretrainedExplainer
 from utils.patch_utils import ImageGeometry, centre_crop_geometry
 
 CLIP_METHODS: tuple[str, ...] = ("gradcam", "hirescam")
@@ -66,7 +66,7 @@ class ClipMap:
     cosine_x100: float
 
 
-class ClipExplainer:
+class ClipExplainer(PretrainedExplainer):
     """Scores and explains image-text similarity with CLIP; safe to share between threads.
 
     Args:
@@ -96,13 +96,6 @@ class ClipExplainer:
         self.cam_modules = [*self.vision_layers[:-2], self.vision_layers[-1].layer_norm1]
         self.cam_layers = tuple(range(len(self.cam_modules)))
         self.default_layer = self.cam_layers[-1]
-
-    @classmethod
-    def from_pretrained(
-        cls, source: str = CLIP_BASE, device: str = "auto", on_progress: ProgressCallback | None = None
-    ) -> ClipExplainer:
-        """Load from a hub id, a local folder or "shapes-demo" (see models.loading)."""
-        return load_explainer(cls, source, device, on_progress)
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
         """Where CLIP's patches lie on an image of (width, height): its centre crop."""

@@ -28,7 +28,7 @@ from torch import nn
 from models.cam_methods import gradient_attention
 from models.denormals import in_denormal_mode
 from models.hooks import capture_outputs
-from models.loading import ProgressCallback, load_explainer
+from models.loading import PretrainedExplainer
 from utils.patch_utils import ImageGeometry, squash_geometry
 
 # A word is a run of letters and digits (with inner hyphens or apostrophes), or one mark of
@@ -261,7 +261,7 @@ def occlusion_blocks(geometry: ImageGeometry) -> list[list[int]]:
     return blocks
 
 
-class CaptionerExplainer:
+class CaptionerExplainer(PretrainedExplainer):
     """Captions an image and explains each caption word with heatmaps; one subclass per family.
 
     One instance serves many threads at once: it holds no per-call state, and activations are
@@ -277,11 +277,8 @@ class CaptionerExplainer:
             models.denormals); False only to measure what that saves.
     """
 
-    # What a family declares.
-    model_class: ClassVar[type]
-    processor_class: ClassVar[type]
+    # What a family declares, besides PretrainedExplainer's model and processor classes.
     model_types: ClassVar[tuple[str, ...]]  # the ``config.model_type`` values it explains
-    demo_component: ClassVar[str]  # the bundled demo folder that "shapes-demo" means for it
     default_method: ClassVar[str]
     patch_size: int  # side of one patch in model pixels, read from the config by the family
 
@@ -291,11 +288,6 @@ class CaptionerExplainer:
         self.device = device or next(model.parameters()).device
         self.flush_denormals = flush_denormals
         self.methods: dict[str, Method] = self.build_methods()
-
-    @classmethod
-    def from_pretrained(cls, source: str, device: str = "auto", on_progress: ProgressCallback | None = None) -> Self:
-        """Load from a hub id, a local folder or "shapes-demo" (see models.loading)."""
-        return load_explainer(cls, source, device, on_progress)
 
     # ------------------------------------------------------------ what a family provides
 

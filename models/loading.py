@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, Self
 
 import huggingface_hub
 import torch
@@ -476,14 +476,21 @@ def load_checkpoint(model_class, processor_class, folder: Path, device: torch.de
     return model.eval().to(device), processor
 
 
-def load_explainer(explainer_class, source: str, device: str = "auto", on_progress: ProgressCallback | None = None):
-    """An explainer of ``explainer_class`` on the checkpoint that ``source`` names.
+class PretrainedExplainer:
+    """What every explainer class (captioner families and CLIP alike) loads with: one
+    ``from_pretrained``. A subclass declares its model and processor classes and which bundled
+    demo folder "shapes-demo" means for it, and is built from (model, processor, device)."""
 
-    The class declares ``model_class``, ``processor_class`` and ``demo_component`` (which
-    bundled demo "shapes-demo" means for it), and is built from (model, processor, device).
-    """
-    folder = resolve_model_dir(source, explainer_class.demo_component, on_progress)
-    return explainer_from_folder(explainer_class, folder, pick_device(device))
+    model_class: ClassVar[type]
+    processor_class: ClassVar[type]
+    demo_component: ClassVar[Component]
+
+    @classmethod
+    def from_pretrained(cls, source: str, device: str = "auto", on_progress: ProgressCallback | None = None) -> Self:
+        """Load from a hub id, a local folder or "shapes-demo" (see ``resolve_model_dir``), frozen,
+        on ``device`` ("auto": cuda, then mps, then cpu)."""
+        folder = resolve_model_dir(source, cls.demo_component, on_progress)
+        return explainer_from_folder(cls, folder, pick_device(device))
 
 
 def explainer_from_folder(explainer_class, folder: Path, device: torch.device):
