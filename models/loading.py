@@ -11,6 +11,7 @@ timeout, because transformers alone retries an unreachable hub for minutes befor
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +81,26 @@ def model_choices(local_captioner_dir: str | None = None, local_clip_dir: str | 
     return choices
 
 
-def local_model_dirs(environ: Mapping[str, str] = os.environ) -> tuple[str | None, str | None]:
-    """Folders named by VLM_EXPLAINER_CAPTIONER_DIR (or its old name VLM_EXPLAINER_BLIP_DIR) and
-    VLM_EXPLAINER_CLIP_DIR, if set."""
-    captioner_dir = environ.get("VLM_EXPLAINER_CAPTIONER_DIR") or environ.get("VLM_EXPLAINER_BLIP_DIR")
-    return captioner_dir or None, environ.get("VLM_EXPLAINER_CLIP_DIR") or None
+def local_model_dirs(
+    environ: Mapping[str, str] = os.environ, arguments: Sequence[str] = ()
+) -> tuple[str | None, str | None]:
+    """The local (captioner, CLIP) folders that the server names, each None if not named.
+
+    Args:
+        environ: read for VLM_EXPLAINER_CAPTIONER_DIR (or its old name VLM_EXPLAINER_BLIP_DIR)
+            and VLM_EXPLAINER_CLIP_DIR.
+        arguments: command-line words, e.g. ``sys.argv[1:]`` of ``streamlit run app.py --
+            --captioner-dir D --clip-dir D``; ``--blip-dir`` is the old name of ``--captioner-dir``.
+            Other words are left alone; a flag beats the environment.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--captioner-dir", "--blip-dir", dest="captioner_dir")
+    parser.add_argument("--clip-dir", dest="clip_dir")
+    flags, _ = parser.parse_known_args(list(arguments))
+    captioner_dir = (
+        flags.captioner_dir or environ.get("VLM_EXPLAINER_CAPTIONER_DIR") or environ.get("VLM_EXPLAINER_BLIP_DIR")
+    )
+    return captioner_dir or None, flags.clip_dir or environ.get("VLM_EXPLAINER_CLIP_DIR") or None
 
 
 class ModelUnavailableError(RuntimeError):

@@ -273,6 +273,16 @@ def test_captioner_folder_from_the_environment_under_its_new_and_its_old_name():
     assert local_model_dirs(both) == ("/models/new", None)
 
 
+def test_captioner_folder_from_the_command_line_under_its_new_and_its_old_name():
+    flags = ["--captioner-dir", "/models/a", "--clip-dir", "/models/c"]
+    assert local_model_dirs({}, flags) == ("/models/a", "/models/c")
+    assert local_model_dirs({}, ["--blip-dir=/models/b"]) == ("/models/b", None)
+    environment = {"VLM_EXPLAINER_CAPTIONER_DIR": "/models/env", "VLM_EXPLAINER_CLIP_DIR": "/models/env-clip"}
+    assert local_model_dirs(environment, ["--captioner-dir", "/models/flag"]) == ("/models/flag", "/models/env-clip")
+    # Streamlit's own words and unknown flags are no concern of this parser.
+    assert local_model_dirs({}, ["--server.port", "8501", "--other", "x", "--captioner", "y"]) == (None, None)
+
+
 class FakeHub:
     """The hub and its local cache for one repository, in memory: revision -> files, commits and snapshot folder.
 
