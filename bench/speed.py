@@ -24,14 +24,15 @@ from PIL import Image
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from models.blip_explainer import BlipExplainer
 from models.denormals import set_flush_denormal_everywhere
+from models.explainer import CaptionerExplainer
+from models.families import explainer_for_model
 from models.hooks import capture_outputs
 from utils.image_utils import overlay_heatmap
 from utils.video_utils import encode_mp4, layer_frames
 
 
-def build_blip_base_architecture(flush_denormals: bool = True) -> BlipExplainer:
+def build_blip_base_architecture(flush_denormals: bool = True) -> CaptionerExplainer:
     """BLIP base as configured by ``BlipConfig()`` defaults, random weights, synthetic vocabulary."""
     config = BlipConfig()
     torch.manual_seed(0)
@@ -47,7 +48,7 @@ def build_blip_base_architecture(flush_denormals: bool = True) -> BlipExplainer:
         image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),
         tokenizer=BertTokenizer(vocab=vocabulary),
     )
-    return BlipExplainer(model, processor, torch.device("cpu"), flush_denormals)
+    return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
 
 
 def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
@@ -63,24 +64,27 @@ def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
 
 
 def forward_and_gradient(
-    explainer: BlipExplainer, image: Image.Image, token_ids: list[int], position: int, layers: list
+    explainer: CaptionerExplainer, image: Image.Image, token_ids: list[int], position: int, layers: list
 ) -> None:
     """One forward pass and one gradient of one token with respect to the given vision layers."""
     set_flush_denormal_everywhere(explainer.flush_denormals)  # as the explainer's own methods do
-    pixel_values = explainer.pixel_values([image]).requires_grad_(True)
+    inputs = {
+        name: value.requires_grad_(True) if value.is_floating_point() else value
+        for name, value in explainer.model_inputs([image]).items()
+    }
     with torch.enable_grad(), capture_outputs(layers) as captured:
-        logits = explainer.model(pixel_values=pixel_values, input_ids=torch.tensor([token_ids])).logits
+        logits = explainer.teacher_forced_logits(inputs, torch.tensor([token_ids]))
         score = logits[0, position - 1].log_softmax(-1)[token_ids[position]]
         torch.autograd.grad(score, captured)
 
 
-def naive_all_layers(explainer: BlipExplainer, image: Image.Image, token_ids: list[int], position: int) -> None:
+def naive_all_layers(explainer: CaptionerExplainer, image: Image.Image, token_ids: list[int], position: int) -> None:
     """The reference design's way: a separate forward and backward pass for every layer."""
-    for layer in explainer.vision_layers:
+    for layer in explainer.methods["gradcam"].modules:
         forward_and_gradient(explainer, image, token_ids, position, [layer])
 
 
-def first_heatmap(explainer: BlipExplainer, image: Image.Image, caption, word: int) -> np.ndarray:
+def first_heatmap(explainer: CaptionerExplainer, image: Image.Image, caption, word: int) -> np.ndarray:
     """What the page does between showing the caption and showing the first heatmap: the chosen
     word's maps alone (the other words are filled in after), drawn over the displayed image.
 
@@ -92,7 +96,7 @@ def first_heatmap(explainer: BlipExplainer, image: Image.Image, caption, word: i
     return overlay_heatmap(image, heat[explainer.default_layer(maps.method)])
 
 
-def encode_layer_video(explainer: BlipExplainer, image: Image.Image, cam_patches: np.ndarray) -> bytes:
+def encode_layer_video(explainer: CaptionerExplainer, image: Image.Image, cam_patches: np.ndarray) -> bytes:
     """The app's video: every layer's overlay held, cross-faded, encoded as H.264."""
     heat_maps = explainer.image_geometry(image.size).cams_to_image(cam_patches)
     labels = explainer.layer_names("gradcam")
@@ -110,7 +114,7 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
 
     explainer = build_blip_base_architecture()
-    unflushed = BlipExplainer(explainer.model, explainer.processor, explainer.device, flush_denormals=False)
+    unflushed = explainer_for_model(explainer.model, explainer.processor, explainer.device, flush_denormals=False)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
     bos, sep = explainer.model.config.text_config.bos_token_id, explainer.model.config.text_config.sep_token_id
     token_ids = [bos, *range(1000, 1000 + arguments.words), sep]
@@ -120,7 +124,7 @@ def main() -> None:
     repeats = arguments.repeats
 
     (maps,) = explainer.explain(image, caption, [word], method="gradcam")  # warm-up: allocator, hooks
-    first_layer = explainer.vision_layers[:1]
+    first_layer = explainer.methods["gradcam"].modules[:1]  # the vision layers Grad-CAM reads
     results = interleaved_medians(
         {
             # The floor: the gradient reaches the first vision layer, so it crosses all of them.
@@ -151,7 +155,7 @@ def main() -> None:
     results["setup"] = {
         "model": "BlipConfig() defaults, random weights",
         "parameters_m": sum(parameter.numel() for parameter in explainer.model.parameters()) / 1e6,
-        "grid": explainer.grid_shape,
+        "grid": explainer.image_geometry(image.size).views[0].grid_shape,
         "patch_size": explainer.patch_size,
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,

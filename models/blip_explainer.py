@@ -23,7 +23,6 @@ from models.explainer import (
     Method,
     OcclusionMethod,
     attention_row_relevance,
-    caption_words,
     patch_token_relevance,
 )
 from utils.patch_utils import ImageGeometry, squash_geometry
@@ -52,7 +51,8 @@ class BlipExplainer(CaptionerExplainer):
         # exactly zero there. Its normalised output is what the decoder reads: use that instead.
         self.vision_layers = [*model.vision_model.encoder.layers[:-1], model.vision_model.post_layernorm]
         self.cross_attentions = [layer.crossattention.self for layer in model.text_decoder.bert.encoder.layer]
-        self.special_ids = set(processor.tokenizer.all_special_ids) | {model.config.text_config.bos_token_id}
+        # BLIP's BOS ("[DEC]") is not always registered as special with the tokenizer.
+        self.special_ids = frozenset(processor.tokenizer.all_special_ids) | {model.config.text_config.bos_token_id}
         self.patch_size = model.config.vision_config.patch_size
         size = processor.image_processor.size
         self.grid_shape = (size["height"] // self.patch_size, size["width"] // self.patch_size)
@@ -117,13 +117,3 @@ class BlipExplainer(CaptionerExplainer):
             do_sample=False,
         )
         return self.caption_from_ids(generated[0].tolist(), prompt_length)
-
-    def caption_from_ids(self, token_ids: Sequence[int], prompt_length: int = 1) -> Caption:
-        """Build a Caption (pieces, whole words) from generated ids."""
-        tokenizer = self.processor.tokenizer
-        token_ids = tuple(int(token_id) for token_id in token_ids)
-        pieces = tuple(tokenizer.convert_ids_to_tokens(list(token_ids)))
-        words = caption_words(tokenizer, token_ids, prompt_length, self.special_ids)
-        # BLIP's BOS ("[DEC]") is not always registered as special: drop every special id.
-        text = tokenizer.decode([token_id for token_id in token_ids if token_id not in self.special_ids])
-        return Caption(text, token_ids, pieces, words, prompt_length)

@@ -281,6 +281,7 @@ class CaptionerExplainer(PretrainedExplainer):
     model_types: ClassVar[tuple[str, ...]]  # the ``config.model_type`` values it explains
     default_method: ClassVar[str]
     patch_size: int  # side of one patch in model pixels, read from the config by the family
+    special_ids: frozenset[int]  # ids that are never words (BOS, EOS, padding, image tokens ...)
 
     def __init__(self, model: nn.Module, processor, device: torch.device | None = None, flush_denormals: bool = True):
         self.model = model
@@ -332,6 +333,17 @@ class CaptionerExplainer(PretrainedExplainer):
         return {**inputs, "pixel_values": occluded}
 
     # ------------------------------------------------------------ shared by every family
+
+    def caption_from_ids(self, token_ids: Sequence[int], prompt_length: int = 1) -> Caption:
+        """A Caption (pieces, whole words, text without special ids) from the ids the
+        explanation's forward pass reads; the first ``prompt_length`` ids (BOS alone by
+        default) are never words."""
+        tokenizer = self.processor.tokenizer
+        token_ids = tuple(int(token_id) for token_id in token_ids)
+        pieces = tuple(tokenizer.convert_ids_to_tokens(list(token_ids)))
+        words = caption_words(tokenizer, token_ids, prompt_length, self.special_ids)
+        text = tokenizer.decode([token_id for token_id in token_ids if token_id not in self.special_ids])
+        return Caption(text, token_ids, pieces, words, prompt_length)
 
     def method_label(self, method: str) -> str:
         return self._method(method).label

@@ -8,6 +8,9 @@ one entry here.
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from models.blip_explainer import BlipExplainer
 from models.explainer import CaptionerExplainer
 from models.loading import (
@@ -51,3 +54,11 @@ def load_captioner(
     folder = resolve_model_dir(source, CAPTIONER_DEMO_COMPONENT, on_progress)
     family = captioner_family(model_type_of(folder))
     return explainer_from_folder(family, folder, pick_device(device))
+
+
+def explainer_for_model(
+    model: nn.Module, processor, device: torch.device | None = None, flush_denormals: bool = True
+) -> CaptionerExplainer:
+    """The explainer of the family that ``model.config.model_type`` names, on a model already
+    built (a benchmark's random-weight architecture, a test's tiny model)."""
+    return captioner_family(model.config.model_type)(model, processor, device, flush_denormals)

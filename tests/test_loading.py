@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from models import loading
 from models.blip_explainer import BlipExplainer
-from models.families import load_captioner
+from models.families import explainer_for_model, load_captioner
 from models.loading import (
     HUB_BIN_PATTERNS,
     HUB_FILE_PATTERNS,
@@ -248,6 +248,13 @@ def test_a_captioner_folder_is_explained_by_the_family_its_config_names(tiny_bli
 def test_an_unsupported_model_type_is_named_with_the_supported_ones(tiny_clip_dir):
     with pytest.raises(ModelUnavailableError, match=r"'clip' are not supported as captioners; supported types: blip"):
         load_captioner(str(tiny_clip_dir), device="cpu")
+
+
+def test_a_built_model_gets_the_explainer_of_its_family(tiny_blip, tiny_clip):
+    explainer = explainer_for_model(tiny_blip.model, tiny_blip.processor, flush_denormals=False)
+    assert type(explainer) is BlipExplainer and not explainer.flush_denormals
+    with pytest.raises(ModelUnavailableError, match="supported types: blip"):
+        explainer_for_model(tiny_clip.model, tiny_clip.processor)
 
 
 def test_weights_that_do_not_fit_the_class_are_refused_not_reinitialised(tmp_path, tiny_blip_dir):
