@@ -108,6 +108,10 @@ def contrastive_target(token_ids: Sequence[int], position: int, foil_id: int) ->
     return target
 
 
+class PromptTooLongError(ValueError):
+    """The prompt fills the model's token positions, leaving no room for a caption."""
+
+
 class BlipExplainer:
     """Captions an image with BLIP and explains each caption word with heatmaps.
 
@@ -182,22 +186,41 @@ class BlipExplainer:
         pixels = self.processor.image_processor(images=list(images), return_tensors="pt").pixel_values
         return pixels.to(self.device)
 
+    @property
+    def max_caption_tokens(self) -> int:
+        """Most ids a caption may hold, BOS and prompt included: the text decoder's position
+        limit (32 on the bundled demo, 512 on BLIP base). generate() would index past it."""
+        return self.model.config.text_config.max_position_embeddings
+
     @in_denormal_mode
     @torch.no_grad()
     def caption(
         self, image: Image.Image, prompt: str = "", max_new_tokens: int = 30, num_beams: int = 1
     ) -> Caption:
-        """Generate a caption (greedy when ``num_beams`` is 1), optionally continuing ``prompt``."""
+        """Generate a caption (greedy when ``num_beams`` is 1), optionally continuing ``prompt``.
+
+        At most ``max_new_tokens`` ids are generated, fewer when the prompt leaves less room
+        under ``max_caption_tokens``.
+
+        Raises:
+            PromptTooLongError: the prompt leaves no room for a single new id.
+        """
         pixel_values = self.pixel_values([image])
         prompt_ids = None
         prompt_length = 1  # BOS only
         if prompt.strip():
             prompt_ids = self.processor.tokenizer(prompt.strip(), return_tensors="pt").input_ids.to(self.device)
             prompt_length = prompt_ids.shape[1] - 1  # generate() drops the trailing [SEP]
+        room = self.max_caption_tokens - prompt_length
+        if room < 1:
+            raise PromptTooLongError(
+                f"The prompt takes {prompt_length} of the model's {self.max_caption_tokens} token positions, "
+                "leaving none for the caption. Shorten the prompt."
+            )
         generated = self.model.generate(
             pixel_values=pixel_values,
             input_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=min(max_new_tokens, room),
             num_beams=num_beams,
             do_sample=False,
         )
