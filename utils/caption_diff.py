@@ -7,11 +7,12 @@ pure and never modify their inputs.
 from __future__ import annotations
 
 import difflib
-import html
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from utils.text import escape_markdown
 
 Change = Literal["same", "removed", "added"]
 CHANGES: tuple[str, ...] = ("same", "removed", "added")
@@ -23,12 +24,6 @@ CHANGE_STYLES = {
     "padding: 0 0.15em; border-radius: 0.2em;",
     "added": "background-color: #cdeccd; color: #135a13; padding: 0 0.15em; border-radius: 0.2em;",
 }
-
-# Streamlit's markdown reads $...$ as LaTeX, :name: as an emoji and *, _, ~, ` as emphasis even
-# inside HTML; numeric references keep such words literal and render the same in a plain page.
-# '#' and ';' stay out: html.escape produces them in its own references.
-MARKDOWN_REFERENCES = {ord(character): f"&#{ord(character)};" for character in "\\`*_[]~$:|"}
-
 
 @dataclass(frozen=True)
 class DiffToken:
@@ -104,7 +99,7 @@ def diff_html(tokens: Sequence[DiffToken]) -> str:
     """
     spans = []
     for token in tokens:
-        word = html.escape(token.word).translate(MARKDOWN_REFERENCES)
+        word = escape_markdown(token.word)
         style = CHANGE_STYLES[token.change]
         spans.append(f'<span style="{style}">{word}</span>' if style else f"<span>{word}</span>")
     return " ".join(spans)

@@ -1,0 +1,36 @@
+"""Model and user text shown literally: the one escape, and figure titles."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import numpy as np
+import pytest
+
+from utils.metrics import Curve, CurveSet
+from utils.plots import curves_figure
+from utils.text import MARKUP_CHARACTERS, escape_markdown
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["**bold**", "[x](javascript:alert(1))", "$x^2$", ":smile:", "<img src=x onerror=alert(1)>", "a&b", "# title",
+     "1. item", "~~gone~~", "`code`", "a_b_c", "\\*", "&#42;", "plain words"],
+)
+def test_escaped_text_reads_back_as_written_and_holds_no_markup_character(text):
+    escaped = escape_markdown(text)
+    assert html.unescape(escaped) == text
+    assert not set(MARKUP_CHARACTERS) & set(re.sub(r"&#\d+;", "", escaped))
+
+
+def test_plain_words_are_left_alone():
+    assert escape_markdown("a red circle") == "a red circle"
+
+
+def test_a_word_in_a_figure_title_is_not_read_as_mathtext():
+    fractions = np.linspace(0, 1, 5)
+    curve = Curve("deletion", fractions, np.ones(5), 1.0)
+    figure = curves_figure(CurveSet(curve, curve, curve, curve), "$x$")
+    titles = [axes.title for axes in figure.axes]
+    assert all("“$x$”" in title.get_text() and not title.get_parse_math() for title in titles)
