@@ -29,7 +29,15 @@ from models.analysis import (
     sanity_check,
     word_probabilities,
 )
-from models.blip_explainer import DEFAULT_METHOD, METHOD_LABELS, METHODS, BlipExplainer, Caption, WordMaps
+from models.blip_explainer import (
+    DEFAULT_METHOD,
+    METHOD_LABELS,
+    METHODS,
+    BlipExplainer,
+    Caption,
+    PromptTooLongError,
+    WordMaps,
+)
 from models.clip_explainer import ClipExplainer, ClipMap, Similarity
 from models.loading import (
     SHAPES_DEMO_CHOICE,
@@ -51,15 +59,25 @@ from utils.image_utils import (
     overlay_heatmap,
 )
 from utils.metrics import SanityCheck
-from utils.patch_utils import FILL_MODES, Box, box_from_corners, cam_grid_to_image, cam_grids_to_image, top_patches
+from utils.patch_utils import (
+    FILL_MODES,
+    Box,
+    box_from_corners,
+    cam_grid_to_image,
+    cam_grids_to_image,
+    click_to_image,
+    top_patches,
+)
 from utils.plots import curves_figure
 from utils.report import ReportContent, report_html, report_zip
+from utils.text import escape_markdown
 from utils.video_utils import encode_mp4, layer_frames
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "media" / "examples"
 DISPLAY_WIDTH = 420  # pixels of each image column on the page
 DISPLAY_MAX_SIDE = 1024  # overlays are drawn on a copy no larger than this
 VIDEO_FPS = 12
+MAX_NEW_TOKENS = 60  # the decoding slider's end, or the model's own limit when lower
 REGION_COLOUR = (255, 64, 160)
 # Mean colour shifts the input distribution least of the fills (the demo never saw black squares).
 DEFAULT_FILL = "mean"
@@ -90,7 +108,15 @@ def cached_word_probabilities(model_key: str, image_key: str, caption_key: str, 
     return word_probabilities(_blip, _image, _caption)
 
 
-@st.cache_data(max_entries=64, show_spinner="Explaining every word at every layer…")
+@st.cache_data(max_entries=64, show_spinner="Explaining the word at every layer…")
+def cached_one_word_maps(
+    model_key: str, image_key: str, caption_key: str, method: str, word: int, _blip, _image, _caption
+) -> WordMaps:
+    (maps,) = _blip.explain(_image, _caption, [word], method=method)
+    return maps
+
+
+@st.cache_data(max_entries=64, show_spinner="Explaining the other words, so that choosing one is instant…")
 def cached_word_maps(
     model_key: str, image_key: str, caption_key: str, method: str, _blip, _image, _caption
 ) -> list[WordMaps]:
@@ -145,11 +171,20 @@ class Page:
     caption_key: str
     decoding: Decoding
 
-    def word_maps(self, method: str) -> list[WordMaps]:
-        """Every caption word's maps for a method (computed once per image, caption and method)."""
-        return cached_word_maps(
-            self.model_key, self.image_key, self.caption_key, method, self.blip, self.image, self.caption
-        )
+    def maps_key(self, method: str) -> tuple[str, str, str, str]:
+        return self.model_key, self.image_key, self.caption_key, method
+
+    def word_maps(self, method: str, word: int) -> WordMaps:
+        """One word's maps for a method. Until every word's maps are filled in (at the end of
+        the run that first shows them), the word is explained alone, so the first heatmap waits
+        for one gradient, not one per word."""
+        if self.maps_key(method) in st.session_state.filled_word_maps:
+            return self.all_word_maps(method)[word]
+        return cached_one_word_maps(*self.maps_key(method), word, self.blip, self.image, self.caption)
+
+    def all_word_maps(self, method: str) -> list[WordMaps]:
+        """Every caption word's maps for a method, in one forward pass and one gradient per word."""
+        return cached_word_maps(*self.maps_key(method), self.blip, self.image, self.caption)
 
     def heat_images(self, maps: WordMaps):
         """(layers, H, W) heatmaps on the displayed image, and their common value range."""
@@ -176,7 +211,11 @@ def init_state() -> None:
         "region": None,  # (description, tuple of Box) or None
         "masked_request": None,  # region key + fill the user asked to regenerate
         "video": None,  # (key, mp4 bytes)
-        "report": None,  # (zip bytes, html text), prepared on request
+        "report": None,  # (key, zip bytes, html text), prepared on request
+        "filled_word_maps": set(),  # Page.maps_key of maps computed for every word
+        "word_caption": None,  # caption_key the word pills were last drawn for
+        "metrics_request": None,  # what "Measure faithfulness" was pressed for
+        "sanity_request": None,  # what "Sanity check" was pressed for
         "model_notice": "",
     }
     for key, value in defaults.items():
@@ -205,26 +244,37 @@ def server_model_dirs() -> tuple[str | None, str | None]:
     return flags.blip_dir or environment_blip, flags.clip_dir or environment_clip
 
 
-def sidebar_ui() -> tuple[ModelChoice, str, Decoding]:
-    """Model, device and decoding options."""
+def model_ui() -> tuple[ModelChoice, str]:
+    """Model and device."""
     choices = model_choices(*server_model_dirs())
     labels = [choice.label for choice in choices]
     with st.sidebar:
         st.header("Model")
         label = st.selectbox("Captioner and checker", labels, key="model_label")
         if st.session_state.model_notice and label == SHAPES_DEMO_CHOICE.label:
-            st.info(st.session_state.model_notice)
+            st.info(escape_markdown(st.session_state.model_notice))
         if label == SHAPES_DEMO_CHOICE.label:
             st.caption(
                 "Demo model: a small BLIP and CLIP trained on synthetic scenes of coloured shapes, "
                 "where the truth is known. It is not a general captioner."
             )
         device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device")
+    return choices[labels.index(label)], device
+
+
+def decoding_ui(blip: BlipExplainer) -> Decoding:
+    """Decoding options, drawn once the model is loaded: the longest caption is the model's."""
+    # The model's position limit counts BOS; past MAX_NEW_TOKENS a caption is no longer a caption.
+    longest = min(blip.max_caption_tokens - 1, MAX_NEW_TOKENS)
+    with st.sidebar:
         st.header("Decoding")
         num_beams = st.slider("Beams (1 = greedy)", 1, 5, 1, key="num_beams")
-        max_new_tokens = st.slider("Max new tokens", 5, 60, 30, key="max_new_tokens")
+        max_new_tokens = st.slider(
+            "Max new tokens", 1, longest, min(30, longest), key=f"max_new_tokens_{longest}",
+            help=f"At most {blip.max_caption_tokens} tokens for prompt and caption together, for this model.",
+        )
         prompt = st.text_input("Prompt (conditional captioning)", "", key="prompt", max_chars=200)
-    return choices[labels.index(label)], device, Decoding(prompt, max_new_tokens, num_beams)
+    return Decoding(prompt, max_new_tokens, num_beams)
 
 
 def load_models_ui(choice: ModelChoice, device: str) -> tuple[BlipExplainer, ClipExplainer | None, str, str]:
@@ -239,7 +289,7 @@ def load_models_ui(choice: ModelChoice, device: str) -> tuple[BlipExplainer, Cli
             blip = load_blip(choice.blip_source, device, show_progress)
     except ModelUnavailableError as error:
         if choice == SHAPES_DEMO_CHOICE:
-            st.error(f"The bundled demo model could not be loaded: {error}")
+            st.error(f"The bundled demo model could not be loaded: {escape_markdown(str(error))}")
             st.stop()
         st.session_state.model_notice = f"{choice.label} is unavailable: {error} Showing the bundled demo instead."
         st.session_state.pending_model_label = SHAPES_DEMO_CHOICE.label
@@ -249,7 +299,7 @@ def load_models_ui(choice: ModelChoice, device: str) -> tuple[BlipExplainer, Cli
     try:
         clip = load_clip(choice.clip_source, device, show_progress)
     except ModelUnavailableError as error:
-        st.sidebar.warning(f"CLIP is unavailable, so its checks are hidden: {error}")
+        st.sidebar.warning(f"CLIP is unavailable, so its checks are hidden: {escape_markdown(str(error))}")
     progress.empty()
     return blip, clip, f"{choice.blip_source}|{device}", f"{choice.clip_source}|{device}"
 
@@ -306,37 +356,63 @@ def caption_ui(page: Page) -> int:
     probabilities = cached_word_probabilities(
         page.model_key, page.image_key, page.caption_key, page.blip, page.image, caption
     )
-    if st.session_state.get("word_caption") != page.caption_key:  # a new caption starts at its first word
+    if st.session_state.word_caption != page.caption_key:  # a new caption starts at its first word
         st.session_state.word_caption = page.caption_key
         st.session_state.word = 0
     chosen = st.pills(
         "Explain which word?",
         list(range(len(caption.words))),
-        format_func=lambda index: f"{caption.words[index].text} · {probabilities[index]:.0%}",
+        format_func=lambda index: f"{escape_markdown(caption.words[index].text)} · {probabilities[index]:.0%}",
         key="word",
     )
     return 0 if chosen is None else chosen
 
 
-def heatmap_controls_ui(blip: BlipExplainer) -> tuple[str, int, float, str, bool, bool]:
+@dataclass(frozen=True)
+class ViewSettings:
+    """How the heatmap is shown: the controls above it, read by every section through view_settings."""
+
+    method: str
+    layer: int
+    opacity: float
+    colormap: str
+    show_grid: bool
+    shared_scale: bool
+
+
+# The display controls' defaults (the method's default layer comes from the model).
+DISPLAY_DEFAULTS = {"opacity": 0.5, "colormap": "jet", "show_grid": False, "shared_scale": False}
+
+
+def view_settings(blip: BlipExplainer) -> ViewSettings:
+    """The heatmap controls' values: the widgets' own once drawn, their defaults before."""
+    state = st.session_state
+    method = state.get("method", DEFAULT_METHOD)
+    display = {name: state.get(name, default) for name, default in DISPLAY_DEFAULTS.items()}
+    return ViewSettings(method, state.get(f"layer_{method}", blip.default_layer(method)), **display)
+
+
+def heatmap_controls_ui(blip: BlipExplainer) -> ViewSettings:
     """Method, layer, opacity, colour map, patch grid and colour-scale controls."""
+    default = DISPLAY_DEFAULTS
     controls = st.columns(5)
     method = controls[0].selectbox(
         "Method", METHODS, index=METHODS.index(DEFAULT_METHOD), format_func=METHOD_LABELS.get, key="method"
     )
     layer_names = blip.layer_names(method)
-    layer = controls[1].select_slider(
+    controls[1].select_slider(
         "Layer (shallow → deep)",
         options=list(range(len(layer_names))),
         value=blip.default_layer(method),
         format_func=lambda index: layer_names[index],
         key=f"layer_{method}",
     )
-    opacity = controls[2].slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
-    colormap = controls[3].selectbox("Colour map", colormap_names(), key="colormap")
-    show_grid = controls[4].toggle("Patch grid", key="show_grid")
-    shared_scale = controls[4].toggle("One scale for all layers", value=False, key="shared_scale")
-    return method, layer, opacity, colormap, show_grid, shared_scale
+    controls[2].slider("Opacity", 0.0, 1.0, default["opacity"], 0.05, key="opacity")
+    colormaps = colormap_names()
+    controls[3].selectbox("Colour map", colormaps, index=colormaps.index(default["colormap"]), key="colormap")
+    controls[4].toggle("Patch grid", value=default["show_grid"], key="show_grid")
+    controls[4].toggle("One scale for all layers", value=default["shared_scale"], key="shared_scale")
+    return view_settings(blip)
 
 
 def with_grid(page: Page, shown: Image.Image) -> Image.Image:
@@ -358,12 +434,15 @@ def region_image(page: Page, show_grid: bool) -> Image.Image:
     return shown
 
 
-def handle_click(value: dict | None, image: Image.Image) -> None:
-    """Turn a new click (in displayed pixels) into a corner in original pixels; two make a box."""
-    if value is None or value["unix_time"] == st.session_state.last_click_time:
+def handle_click(value: object, image: Image.Image) -> None:
+    """Turn a new click (in displayed pixels) into a corner in original pixels; two make a box.
+    A malformed value from the page is ignored."""
+    if not isinstance(value, dict) or value.get("unix_time") == st.session_state.last_click_time:
         return  # the component returns its last click again on every rerun
-    st.session_state.last_click_time = value["unix_time"]
-    point = (value["x"] * image.width / value["width"], value["y"] * image.height / value["height"])
+    st.session_state.last_click_time = value.get("unix_time")
+    point = click_to_image(value, image.size)
+    if point is None:
+        return
     clicks = [] if len(st.session_state.clicks) >= 2 else list(st.session_state.clicks)
     clicks.append(point)
     st.session_state.clicks = clicks
@@ -375,30 +454,36 @@ def handle_click(value: dict | None, image: Image.Image) -> None:
 
 
 @st.fragment
-def heatmap_ui(page: Page, word: int) -> None:
+def heatmap_ui(page: Page, word: int, page_view: ViewSettings) -> None:
     """Original image (click twice for a region) beside the chosen word's heatmap.
 
-    A fragment: moving a slider here reruns this section only, not the whole page.
+    A fragment: opacity, colour map, grid and scale rerun this section only. A new method or
+    layer reruns the whole page, since the panels below (metrics, video, report) use it too;
+    ``page_view`` is the selection they were drawn with.
     """
-    method, layer, opacity, colormap, show_grid, shared_scale = heatmap_controls_ui(page.blip)
-    maps = page.word_maps(method)[word]
+    view = heatmap_controls_ui(page.blip)
+    if (view.method, view.layer) != (page_view.method, page_view.layer):
+        st.rerun(scope="app")
+    maps = page.word_maps(view.method, word)
     heat, value_range = page.heat_images(maps)
     overlay = overlay_heatmap(
         page.display_image,
-        heat[layer],
-        alpha=opacity,
-        colormap=colormap,
-        value_range=value_range if shared_scale else None,
+        heat[view.layer],
+        alpha=view.opacity,
+        colormap=view.colormap,
+        value_range=value_range if view.shared_scale else None,
     )
     left, right = st.columns(2)
     with left:
         st.caption("Click two corners to select a region.")
-        value = streamlit_image_coordinates(region_image(page, show_grid), width=DISPLAY_WIDTH, key="region_clicks")
+        shown = region_image(page, view.show_grid)
+        value = streamlit_image_coordinates(shown, width=DISPLAY_WIDTH, key="region_clicks")
         handle_click(value, page.image)
     with right:
-        st.caption(f"“{maps.word}” · {maps.layer_names[layer]} · score {maps.score:.2f}")
-        st.image(with_grid(page, overlay) if show_grid else overlay, width=DISPLAY_WIDTH)
-    region_controls_ui(page, maps.cam_grid[layer], maps.word)
+        word_text = escape_markdown(maps.word)
+        st.caption(f"“{word_text}” · {maps.layer_names[view.layer]} · score {maps.score:.2f}")
+        st.image(with_grid(page, overlay) if view.show_grid else overlay, width=DISPLAY_WIDTH)
+    region_controls_ui(page, maps.cam_grid[view.layer], maps.word)
 
 
 def region_controls_ui(page: Page, cam_grid, word: str) -> None:
@@ -426,7 +511,7 @@ def mask_ui(page: Page) -> MaskedCaption | None:
         st.info("Select a region on the image (two clicks, or Auto region) to run the causal test.")
         return None
     description, boxes = st.session_state.region
-    st.write(f"Region: {description}")
+    st.write(f"Region: {escape_markdown(description)}")
     fill = st.selectbox("Fill", FILL_MODES, index=FILL_MODES.index(DEFAULT_FILL), key="fill")
     request = (repr(boxes), fill)
     if st.button("Mask and regenerate", type="primary", key="regenerate"):
@@ -472,20 +557,14 @@ def numbered_words(caption: Caption) -> list[str]:
     return [f"{index + 1}. {word.text}" for index, word in enumerate(caption.words)]
 
 
-def escape_markdown(text: str) -> str:
-    """Show model or user text literally: no Markdown or HTML from it reaches the page."""
-    return "".join(f"\\{character}" if character in "\\`*_{}[]()#+-.!<>|~$" else character for character in text)
-
-
 # ---------------------------------------------------------------- metrics
 
 
-def metrics_ui(page: Page, word: int) -> dict:
+def metrics_ui(page: Page, word: int, view: ViewSettings) -> dict:
     """Deletion/insertion curves, the most faithful layer, the minimal removing region and a
     model-randomisation sanity check for the chosen word, method and layer."""
     st.header("Metrics for the chosen word")
-    method = st.session_state.get("method", DEFAULT_METHOD)
-    layer = st.session_state.get(f"layer_{method}", page.blip.default_layer(method))
+    method, layer = view.method, view.layer
     fill_column, steps_column = st.columns(2)
     fill = fill_column.selectbox(
         "Fill for masked patches", FILL_MODES, index=FILL_MODES.index(DEFAULT_FILL), key="metrics_fill"
@@ -498,14 +577,14 @@ def metrics_ui(page: Page, word: int) -> dict:
     if sanity_column.button("Sanity check (randomise top layers)", key="sanity"):
         st.session_state.sanity_request = request
     reported = {}
-    if st.session_state.get("metrics_request") == request:
-        maps = page.word_maps(method)[word]
+    if st.session_state.metrics_request == request:
+        maps = page.word_maps(method, word)
         result = cached_word_faithfulness(
             page.model_key, page.image_key, page.caption_key, word, method, layer, fill, steps,
             tuple(vars(page.decoding).values()), page.blip, page.image, page.caption, maps,
         )
         reported = faithfulness_ui(page, maps, layer, result)
-    if st.session_state.get("sanity_request") == request:
+    if st.session_state.sanity_request == request:
         check = cached_sanity_check(
             page.model_key, page.image_key, page.caption_key, word, method, layer, page.blip, page.image, page.caption
         )
@@ -559,8 +638,17 @@ def faithfulness_ui(page: Page, maps: WordMaps, layer: int, result: WordFaithful
 # ---------------------------------------------------------------- CLIP
 
 
-def clip_ui(page: Page, word: int) -> Image.Image | None:
-    """CLIP similarity for an editable sentence, and CLIP's heatmap beside BLIP's."""
+@dataclass(frozen=True)
+class ClipShown:
+    """The CLIP heatmap on the page and what it explains."""
+
+    overlay: Image.Image
+    text: str
+    layer: int
+
+
+def clip_ui(page: Page, word: int, view: ViewSettings) -> ClipShown | None:
+    """CLIP similarity for an editable sentence, and CLIP's heatmap beside the captioner's."""
     st.header("Check with CLIP")
     clip = page.clip
     if clip is None:
@@ -583,38 +671,38 @@ def clip_ui(page: Page, word: int) -> Image.Image | None:
     clip_overlay = overlay_heatmap(
         page.display_image, cam_grid_to_image(clip_map.cam_grid, clip.geometry, page.display_image.size)
     )
-    blip_maps = page.word_maps(DEFAULT_METHOD)[word]
-    blip_layer = page.blip.default_layer(DEFAULT_METHOD)
-    blip_heat = cam_grid_to_image(blip_maps.cam_grid[blip_layer], page.blip.geometry, page.display_image.size)
+    blip_maps = page.word_maps(view.method, word)
+    blip_heat = cam_grid_to_image(blip_maps.cam_grid[view.layer], page.blip.geometry, page.display_image.size)
     blip_overlay = overlay_heatmap(page.display_image, blip_heat)
     left, right = st.columns(2)
     left.image(
-        blip_overlay, caption=f"BLIP · “{blip_maps.word}” · {blip_maps.layer_names[blip_layer]}", width=DISPLAY_WIDTH
+        blip_overlay,
+        caption=f"BLIP · “{escape_markdown(blip_maps.word)}” · {blip_maps.layer_names[view.layer]}",
+        width=DISPLAY_WIDTH,
     )
     right.image(
         clip_overlay,
-        caption=f"CLIP · “{explained}” · {clip_map.layer_name} (hatched: outside CLIP's centre crop)",
+        caption=f"CLIP · “{escape_markdown(explained)}” · {clip_map.layer_name} (hatched: outside CLIP's centre crop)",
         width=DISPLAY_WIDTH,
     )
-    return clip_overlay
+    return ClipShown(clip_overlay, explained, layer)
 
 
 # ---------------------------------------------------------------- video and report
 
 
-def video_ui(page: Page, word: int) -> bytes | None:
+def video_ui(page: Page, word: int, view: ViewSettings) -> bytes | None:
     """Build, play and download the chosen word's heatmap evolving across layers."""
     st.header("Layer evolution video")
-    method = st.session_state.get("method", DEFAULT_METHOD)
-    video_key = (page.model_key, page.image_key, page.caption_key, word, method)
+    video_key = (*page.maps_key(view.method), word, view.colormap)
     if st.button("Build video", key="build_video"):
         progress = st.progress(0.0, text="Computing maps for every layer…")
-        maps = page.word_maps(method)[word]
+        maps = page.word_maps(view.method, word)
         heat, _ = page.heat_images(maps)
         progress.progress(0.3, text="Drawing frames…")
         frames = layer_frames(
             page.display_image, heat, maps.layer_names, maps.word, alpha=0.5,
-            colormap=st.session_state.get("colormap", "jet"), hold_frames=VIDEO_FPS, fade_frames=VIDEO_FPS // 3,
+            colormap=view.colormap, hold_frames=VIDEO_FPS, fade_frames=VIDEO_FPS // 3,
         )
         progress.progress(0.6, text="Encoding H.264…")
         st.session_state.video = (video_key, encode_mp4(frames, VIDEO_FPS))
@@ -629,21 +717,40 @@ def video_ui(page: Page, word: int) -> bytes | None:
     return video
 
 
-def report_ui(
-    page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video, measured: dict
-) -> None:
+@dataclass(frozen=True)
+class Shown:
+    """What the page shows below the heatmap, as the report collects it."""
+
+    word: int
+    view: ViewSettings
+    masked: MaskedCaption | None
+    measured: dict
+    clip: ClipShown | None
+    video: bytes | None
+
+    def key(self, page: Page) -> str:
+        """Names what the report would hold: a report for anything else is not offered."""
+        clip = self.clip and (self.clip.text, self.clip.layer)
+        video = self.video and sha256(self.video)
+        masked = self.masked and st.session_state.masked_request
+        return repr((page.maps_key(self.view.method), self.word, self.view.layer, masked, self.measured, clip, video))
+
+
+def report_ui(page: Page, model_label: str, shown: Shown) -> None:
     """One ZIP (images, captions, metrics, video) and the same as a self-contained HTML page.
 
     Built on request, not on every rerun: encoding every layer's PNG costs seconds on big images.
+    Offered only while the page still shows what it was built from.
     """
     st.header("Report")
+    key = shown.key(page)
     if st.button("Prepare report", key="prepare_report"):
-        content = report_content(page, model_label, word, masked, clip_overlay, video, measured)
-        st.session_state.report = (report_zip(content), report_html(content))
-    if not st.session_state.get("report"):
+        content = report_content(page, model_label, shown)
+        st.session_state.report = (key, report_zip(content), report_html(content))
+    if not (st.session_state.report and st.session_state.report[0] == key):
         st.caption("Collects what is on the page now: heatmaps of every layer, mask, captions, metrics, video.")
         return
-    archive, page_html = st.session_state.report
+    _, archive, page_html = st.session_state.report
     zip_column, html_column = st.columns(2)
     zip_column.download_button(
         "Download report (ZIP)", archive, file_name="vlm_explainer_report.zip",
@@ -655,21 +762,19 @@ def report_ui(
     )
 
 
-def report_content(
-    page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video, measured: dict
-) -> ReportContent:
+def report_content(page: Page, model_label: str, shown: Shown) -> ReportContent:
     """Everything the report holds, from what the page shows now."""
-    method = st.session_state.get("method", DEFAULT_METHOD)
-    maps = page.word_maps(method)[word]
+    method, masked = shown.view.method, shown.masked
+    maps = page.word_maps(method, shown.word)
     heat, value_range = page.heat_images(maps)
     heatmaps = tuple(
         (f"BLIP {method} · {name} · word: {maps.word}",
          overlay_heatmap(page.display_image, layer_heat, value_range=value_range))
         for name, layer_heat in zip(maps.layer_names, heat, strict=True)
     )
-    if clip_overlay is not None:
-        heatmaps += (("CLIP", clip_overlay),)
-    metrics = {"word": maps.word, "method": method, "score": maps.score, **measured}
+    if shown.clip is not None:
+        heatmaps += (("CLIP", shown.clip.overlay),)
+    metrics = {"word": maps.word, "method": method, "score": maps.score, **shown.measured}
     if masked is not None:
         metrics["removed_words"] = masked.removed
         changes = masked.log_prob_change.tolist()
@@ -684,7 +789,7 @@ def report_content(
         captions={"original": page.caption.text, **({"masked": masked.caption.text} if masked else {})},
         diff=masked.diff if masked else None,
         metrics=metrics,
-        video_mp4=video,
+        video_mp4=shown.video,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
@@ -697,26 +802,41 @@ def main() -> None:
     init_state()
     st.title("VLM Explainer")
     st.caption("Why did the model write that word? Heatmaps, a causal masking test and a CLIP cross-check.")
-    choice, device, decoding = sidebar_ui()
+    choice, device = model_ui()
     blip, clip, model_key, clip_key = load_models_ui(choice, device)
+    decoding = decoding_ui(blip)
     image_input_ui()
     if st.session_state.image_bytes is None:
         st.info("Upload an image or pick an example scene to begin.")
         return
     image = load_image(st.session_state.image_bytes)
     image_key = sha256(st.session_state.image_bytes)
-    caption = cached_caption(model_key, image_key, tuple(vars(decoding).values()), blip, image)
+    try:
+        caption = cached_caption(model_key, image_key, tuple(vars(decoding).values()), blip, image)
+    except PromptTooLongError as error:
+        st.error(escape_markdown(str(error)))
+        return
     page = Page(
         blip, clip, model_key, clip_key, image, image_key, fit_for_display(image, DISPLAY_MAX_SIDE),
         caption, "-".join(map(str, caption.token_ids)), decoding,
     )
     word = caption_ui(page)
-    heatmap_ui(page, word)
+    view = view_settings(blip)
+    heatmap_ui(page, word, view)
     masked = mask_ui(page)
-    measured = metrics_ui(page, word)
-    clip_overlay = clip_ui(page, word)
-    video = video_ui(page, word)
-    report_ui(page, choice.label, word, masked, clip_overlay, video, measured)
+    measured = metrics_ui(page, word, view)
+    clip_shown = clip_ui(page, word, view)
+    video = video_ui(page, word, view)
+    report_ui(page, choice.label, Shown(word, view, masked, measured, clip_shown, video))
+    fill_word_maps(page, view.method)
+
+
+def fill_word_maps(page: Page, method: str) -> None:
+    """Once the page is drawn, every word's maps in one pass, so that choosing another word
+    shows its maps at once."""
+    if page.maps_key(method) not in st.session_state.filled_word_maps:
+        page.all_word_maps(method)
+        st.session_state.filled_word_maps.add(page.maps_key(method))
 
 
 if __name__ == "__main__":  # Streamlit runs the script as __main__; tests import its constants
