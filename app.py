@@ -8,10 +8,10 @@ model, and one cached model serves every browser session.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,17 +20,18 @@ from PIL import Image
 from streamlit_image_coordinates import streamlit_image_coordinates
 
 from models.analysis import (
-    Decoding,
     MaskedCaption,
     WordFaithfulness,
+    WorkKey,
     caption_image,
     mask_and_recaption,
     measure_word,
     sanity_check,
     word_probabilities,
 )
-from models.blip_explainer import DEFAULT_METHOD, METHOD_LABELS, METHODS, BlipExplainer, Caption, WordMaps
 from models.clip_explainer import ClipExplainer, ClipMap, Similarity
+from models.explainer import Caption, CaptionerExplainer, Decoding, PromptTooLongError, WordMaps
+from models.families import load_captioner
 from models.loading import (
     SHAPES_DEMO_CHOICE,
     ModelChoice,
@@ -51,15 +52,17 @@ from utils.image_utils import (
     overlay_heatmap,
 )
 from utils.metrics import SanityCheck
-from utils.patch_utils import FILL_MODES, Box, box_from_corners, cam_grid_to_image, cam_grids_to_image, top_patches
+from utils.patch_utils import FILL_MODES, Box, box_from_corners, click_to_image, top_patches
 from utils.plots import curves_figure
 from utils.report import ReportContent, report_html, report_zip
+from utils.text import escape_markdown
 from utils.video_utils import encode_mp4, layer_frames
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "media" / "examples"
 DISPLAY_WIDTH = 420  # pixels of each image column on the page
 DISPLAY_MAX_SIDE = 1024  # overlays are drawn on a copy no larger than this
 VIDEO_FPS = 12
+MAX_NEW_TOKENS = 60  # the decoding slider's end, or the model's own limit when lower
 REGION_COLOUR = (255, 64, 160)
 # Mean colour shifts the input distribution least of the fills (the demo never saw black squares).
 DEFAULT_FILL = "mean"
@@ -69,8 +72,8 @@ DEFAULT_FILL = "mean"
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def load_blip(source: str, device: str, _on_progress=None) -> BlipExplainer:
-    return BlipExplainer.from_pretrained(source, device, _on_progress)
+def load_captioner_cached(source: str, device: str, _on_progress=None) -> CaptionerExplainer:
+    return load_captioner(source, device, _on_progress)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -78,55 +81,63 @@ def load_clip(source: str, device: str, _on_progress=None) -> ClipExplainer:
     return ClipExplainer.from_pretrained(source, device, _on_progress)
 
 
-# Every cached function is keyed on explicit strings (model, sha256 of the image bytes,
-# caption ids); the underscored arguments are the objects themselves and are not hashed.
-@st.cache_data(max_entries=64, show_spinner="Captioning…")
-def cached_caption(model_key: str, image_key: str, decoding: tuple, _blip: BlipExplainer, _image: Image.Image):
-    return caption_image(_blip, _image, Decoding(*decoding))
+# Cached functions hash a WorkKey and their own request, each by its repr (every field is a
+# plain value); their underscored arguments are the objects the key names, and are not hashed.
+HASH_FUNCS = {WorkKey: repr, Decoding: repr, Box: repr}
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def cached_word_probabilities(model_key: str, image_key: str, caption_key: str, _blip, _image, _caption: Caption):
-    return word_probabilities(_blip, _image, _caption)
+def cached(max_entries: int, spinner: str | bool = False):
+    return st.cache_data(max_entries=max_entries, show_spinner=spinner, hash_funcs=HASH_FUNCS)
 
 
-@st.cache_data(max_entries=64, show_spinner="Explaining every word at every layer…")
-def cached_word_maps(
-    model_key: str, image_key: str, caption_key: str, method: str, _blip, _image, _caption
-) -> list[WordMaps]:
-    return _blip.explain(_image, _caption, method=method)
+@cached(64, "Captioning…")
+def cached_caption(key: WorkKey, decoding: Decoding, _captioner: CaptionerExplainer, _image: Image.Image) -> Caption:
+    return caption_image(_captioner, _image, decoding)
 
 
-@st.cache_data(max_entries=32, show_spinner="Masking and captioning again…")
+@cached(64)
+def cached_word_probabilities(key: WorkKey, _captioner, _image, _caption: Caption):
+    return word_probabilities(_captioner, _image, _caption)
+
+
+@cached(64, "Explaining the word at every layer…")
+def cached_one_word_maps(key: WorkKey, method: str, word: int, _captioner, _image, _caption) -> WordMaps:
+    (maps,) = _captioner.explain(_image, _caption, [word], method=method)
+    return maps
+
+
+@cached(64, "Explaining the other words, so that choosing one is instant…")
+def cached_word_maps(key: WorkKey, method: str, _captioner, _image, _caption) -> list[WordMaps]:
+    return _captioner.explain(_image, _caption, method=method)
+
+
+@cached(32, "Masking and captioning again…")
 def cached_masked_caption(
-    model_key: str, image_key: str, caption_key: str, region_key: str, fill: str, decoding: tuple,
-    _blip, _image, _caption, _boxes: tuple[Box, ...],
+    key: WorkKey, boxes: tuple[Box, ...], fill: str, decoding: Decoding, _captioner, _image, _caption
 ) -> MaskedCaption:
-    return mask_and_recaption(_blip, _image, _caption, _boxes, fill, Decoding(*decoding))
+    return mask_and_recaption(_captioner, _image, _caption, boxes, fill, decoding)
 
 
-@st.cache_data(max_entries=16, show_spinner="Measuring: masked images are scored in batches…")
+@cached(16, "Measuring: masked images are scored in batches…")
 def cached_word_faithfulness(
-    model_key: str, image_key: str, caption_key: str, word: int, method: str, layer: int, fill: str, steps: int,
-    decoding: tuple, _blip, _image, _caption, _maps: WordMaps,
+    key: WorkKey, word: int, method: str, layer: int, fill: str, steps: int, decoding: Decoding,
+    _captioner, _image, _caption, _maps: WordMaps,
 ) -> WordFaithfulness:
-    return measure_word(_blip, _image, _caption, word, _maps, layer, fill, Decoding(*decoding), steps)
+    return measure_word(_captioner, _image, _caption, word, _maps, layer, fill, decoding, steps)
 
 
-@st.cache_data(max_entries=16, show_spinner="Re-randomising the top vision layers of a copy of the model…")
-def cached_sanity_check(
-    model_key: str, image_key: str, caption_key: str, word: int, method: str, layer: int, _blip, _image, _caption
-) -> SanityCheck:
-    return sanity_check(_blip, _image, _caption, word, method, layer)
+@cached(16, "Re-randomising the top vision layers of a copy of the model…")
+def cached_sanity_check(key: WorkKey, word: int, method: str, layer: int, _captioner, _image, _caption) -> SanityCheck:
+    return sanity_check(_captioner, _image, _caption, word, method, layer)
 
 
-@st.cache_data(max_entries=128, show_spinner=False)
-def cached_similarity(clip_key: str, image_key: str, texts: tuple[str, ...], _clip, _image) -> Similarity:
+@cached(128)
+def cached_similarity(key: WorkKey, texts: tuple[str, ...], _clip, _image) -> Similarity:
     return _clip.similarity(_image, list(texts))
 
 
-@st.cache_data(max_entries=64, show_spinner="CLIP Grad-CAM…")
-def cached_clip_map(clip_key: str, image_key: str, text: str, layer: int, _clip, _image) -> ClipMap:
+@cached(64, "CLIP Grad-CAM…")
+def cached_clip_map(key: WorkKey, text: str, layer: int, _clip, _image) -> ClipMap:
     return _clip.explain(_image, text, layer)
 
 
@@ -134,27 +145,44 @@ def cached_clip_map(clip_key: str, image_key: str, text: str, layer: int, _clip,
 class Page:
     """What every section of one script run works on, with the cache keys that name it."""
 
-    blip: BlipExplainer
+    captioner: CaptionerExplainer
     clip: ClipExplainer | None
-    model_key: str
-    clip_key: str
+    key: WorkKey  # the captioner, the image and the caption
+    clip_model_key: str
     image: Image.Image
-    image_key: str  # sha256 of the image bytes: Streamlit's own hashing samples large data
     display_image: Image.Image  # the image scaled down for the page; overlays are drawn on it
     caption: Caption
-    caption_key: str
     decoding: Decoding
 
-    def word_maps(self, method: str) -> list[WordMaps]:
-        """Every caption word's maps for a method (computed once per image, caption and method)."""
-        return cached_word_maps(
-            self.model_key, self.image_key, self.caption_key, method, self.blip, self.image, self.caption
-        )
+    @property
+    def clip_key(self) -> WorkKey:
+        return WorkKey(self.clip_model_key, self.key.image)
+
+    def word_maps(self, method: str, word: int) -> WordMaps:
+        """One word's maps for a method. Until every word's maps are filled in (at the end of
+        the run that first shows them), the word is explained alone, so the first heatmap waits
+        for one gradient, not one per word."""
+        if (self.key, method) in st.session_state.filled_word_maps:
+            return self.all_word_maps(method)[word]
+        return cached_one_word_maps(self.key, method, word, self.captioner, self.image, self.caption)
+
+    def all_word_maps(self, method: str) -> list[WordMaps]:
+        """Every caption word's maps for a method, in one forward pass and one gradient per word."""
+        return cached_word_maps(self.key, method, self.captioner, self.image, self.caption)
+
+    def display_geometry(self, explainer: CaptionerExplainer | ClipExplainer):
+        """Where an explainer's patches lie on the displayed image."""
+        return explainer.image_geometry(self.display_image.size)
 
     def heat_images(self, maps: WordMaps):
         """(layers, H, W) heatmaps on the displayed image, and their common value range."""
-        heat = cam_grids_to_image(maps.cam_grid, self.blip.geometry, self.display_image.size)
+        heat = self.display_geometry(self.captioner).cams_to_image(maps.cam_patches)
         return heat, finite_range(heat)
+
+    def patch_boxes(self, patch_ids) -> tuple[Box, ...]:
+        """The original image's pixels under each of the captioner's patches."""
+        geometry = self.captioner.image_geometry(self.image.size)
+        return tuple(geometry.patch_box_image(patch_id) for patch_id in patch_ids)
 
 
 def sha256(data: bytes) -> str:
@@ -176,14 +204,20 @@ def init_state() -> None:
         "region": None,  # (description, tuple of Box) or None
         "masked_request": None,  # region key + fill the user asked to regenerate
         "video": None,  # (key, mp4 bytes)
-        "report": None,  # (zip bytes, html text), prepared on request
+        "report": None,  # (key, zip bytes, html text), prepared on request
+        "filled_word_maps": set(),  # (WorkKey, method) of maps computed for every word
+        "word_caption": None,  # the caption ids the word pills were last drawn for
+        "metrics_request": None,  # what "Measure faithfulness" was pressed for
+        "sanity_request": None,  # what "Sanity check" was pressed for
         "model_notice": "",
+        "pending_model_label": None,  # the demo, when the chosen model failed to load
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
     # A model fallback picked on the last run must be applied before the widget is drawn.
-    if "pending_model_label" in st.session_state:
-        st.session_state["model_label"] = st.session_state.pop("pending_model_label")
+    if st.session_state.pending_model_label:
+        st.session_state.model_label = st.session_state.pending_model_label
+        st.session_state.pending_model_label = None
 
 
 def clear_region() -> None:
@@ -195,39 +229,41 @@ def clear_region() -> None:
 # ---------------------------------------------------------------- sidebar
 
 
-def server_model_dirs() -> tuple[str | None, str | None]:
-    """Local model folders from `streamlit run app.py -- --blip-dir D --clip-dir D` or the environment."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--blip-dir")
-    parser.add_argument("--clip-dir")
-    flags, _ = parser.parse_known_args(sys.argv[1:])
-    environment_blip, environment_clip = local_model_dirs()
-    return flags.blip_dir or environment_blip, flags.clip_dir or environment_clip
-
-
-def sidebar_ui() -> tuple[ModelChoice, str, Decoding]:
-    """Model, device and decoding options."""
-    choices = model_choices(*server_model_dirs())
+def model_ui() -> tuple[ModelChoice, str]:
+    """Model and device."""
+    # `streamlit run app.py -- --captioner-dir D --clip-dir D`, or the environment (README).
+    choices = model_choices(*local_model_dirs(os.environ, sys.argv[1:]))
     labels = [choice.label for choice in choices]
     with st.sidebar:
         st.header("Model")
         label = st.selectbox("Captioner and checker", labels, key="model_label")
         if st.session_state.model_notice and label == SHAPES_DEMO_CHOICE.label:
-            st.info(st.session_state.model_notice)
+            st.info(escape_markdown(st.session_state.model_notice))
         if label == SHAPES_DEMO_CHOICE.label:
             st.caption(
                 "Demo model: a small BLIP and CLIP trained on synthetic scenes of coloured shapes, "
                 "where the truth is known. It is not a general captioner."
             )
         device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device")
+    return choices[labels.index(label)], device
+
+
+def decoding_ui(captioner: CaptionerExplainer) -> Decoding:
+    """Decoding options, drawn once the model is loaded: the longest caption is the model's."""
+    # The model's position limit counts BOS; past MAX_NEW_TOKENS a caption is no longer a caption.
+    longest = min(captioner.max_caption_tokens - 1, MAX_NEW_TOKENS)
+    with st.sidebar:
         st.header("Decoding")
         num_beams = st.slider("Beams (1 = greedy)", 1, 5, 1, key="num_beams")
-        max_new_tokens = st.slider("Max new tokens", 5, 60, 30, key="max_new_tokens")
+        max_new_tokens = st.slider(
+            "Max new tokens", 1, longest, min(30, longest), key=f"max_new_tokens_{longest}",
+            help=f"At most {captioner.max_caption_tokens} tokens for prompt and caption together, for this model.",
+        )
         prompt = st.text_input("Prompt (conditional captioning)", "", key="prompt", max_chars=200)
-    return choices[labels.index(label)], device, Decoding(prompt, max_new_tokens, num_beams)
+    return Decoding(prompt, max_new_tokens, num_beams)
 
 
-def load_models_ui(choice: ModelChoice, device: str) -> tuple[BlipExplainer, ClipExplainer | None, str, str]:
+def load_models_ui(choice: ModelChoice, device: str) -> tuple[CaptionerExplainer, ClipExplainer | None, str, str]:
     """Load the chosen models; fall back to the bundled demo with a notice when they are unavailable."""
     progress = st.empty()
 
@@ -236,10 +272,10 @@ def load_models_ui(choice: ModelChoice, device: str) -> tuple[BlipExplainer, Cli
 
     try:
         with st.spinner(f"Loading {choice.label}…"):
-            blip = load_blip(choice.blip_source, device, show_progress)
+            captioner = load_captioner_cached(choice.captioner_source, device, show_progress)
     except ModelUnavailableError as error:
         if choice == SHAPES_DEMO_CHOICE:
-            st.error(f"The bundled demo model could not be loaded: {error}")
+            st.error(f"The bundled demo model could not be loaded: {escape_markdown(str(error))}")
             st.stop()
         st.session_state.model_notice = f"{choice.label} is unavailable: {error} Showing the bundled demo instead."
         st.session_state.pending_model_label = SHAPES_DEMO_CHOICE.label
@@ -249,9 +285,9 @@ def load_models_ui(choice: ModelChoice, device: str) -> tuple[BlipExplainer, Cli
     try:
         clip = load_clip(choice.clip_source, device, show_progress)
     except ModelUnavailableError as error:
-        st.sidebar.warning(f"CLIP is unavailable, so its checks are hidden: {error}")
+        st.sidebar.warning(f"CLIP is unavailable, so its checks are hidden: {escape_markdown(str(error))}")
     progress.empty()
-    return blip, clip, f"{choice.blip_source}|{device}", f"{choice.clip_source}|{device}"
+    return captioner, clip, f"{choice.captioner_source}|{device}", f"{choice.clip_source}|{device}"
 
 
 # ---------------------------------------------------------------- input
@@ -303,45 +339,71 @@ def caption_ui(page: Page) -> int:
     if not caption.words:
         st.warning("The caption has no words to explain.")
         st.stop()
-    probabilities = cached_word_probabilities(
-        page.model_key, page.image_key, page.caption_key, page.blip, page.image, caption
-    )
-    if st.session_state.get("word_caption") != page.caption_key:  # a new caption starts at its first word
-        st.session_state.word_caption = page.caption_key
+    probabilities = cached_word_probabilities(page.key, page.captioner, page.image, caption)
+    if st.session_state.word_caption != page.key.caption:  # a new caption starts at its first word
+        st.session_state.word_caption = page.key.caption
         st.session_state.word = 0
     chosen = st.pills(
         "Explain which word?",
         list(range(len(caption.words))),
-        format_func=lambda index: f"{caption.words[index].text} · {probabilities[index]:.0%}",
+        format_func=lambda index: f"{escape_markdown(caption.words[index].text)} · {probabilities[index]:.0%}",
         key="word",
     )
     return 0 if chosen is None else chosen
 
 
-def heatmap_controls_ui(blip: BlipExplainer) -> tuple[str, int, float, str, bool, bool]:
+@dataclass(frozen=True)
+class ViewSettings:
+    """How the heatmap is shown: the controls above it, read by every section through view_settings."""
+
+    method: str
+    layer: int
+    opacity: float
+    colormap: str
+    show_grid: bool
+    shared_scale: bool
+
+
+# The display controls' defaults (the method's default layer comes from the model).
+DISPLAY_DEFAULTS = {"opacity": 0.5, "colormap": "jet", "show_grid": False, "shared_scale": False}
+
+
+def view_settings(captioner: CaptionerExplainer) -> ViewSettings:
+    """The heatmap controls' values: the widgets' own once drawn, their defaults before."""
+    state = st.session_state
+    method = state.get("method", captioner.default_method)
+    display = {name: state.get(name, default) for name, default in DISPLAY_DEFAULTS.items()}
+    return ViewSettings(method, state.get(f"layer_{method}", captioner.default_layer(method)), **display)
+
+
+def heatmap_controls_ui(captioner: CaptionerExplainer) -> ViewSettings:
     """Method, layer, opacity, colour map, patch grid and colour-scale controls."""
+    default = DISPLAY_DEFAULTS
     controls = st.columns(5)
+    methods = list(captioner.methods)
     method = controls[0].selectbox(
-        "Method", METHODS, index=METHODS.index(DEFAULT_METHOD), format_func=METHOD_LABELS.get, key="method"
+        "Method", methods, index=methods.index(captioner.default_method), format_func=captioner.method_label,
+        key="method",
     )
-    layer_names = blip.layer_names(method)
-    layer = controls[1].select_slider(
+    layer_names = captioner.layer_names(method)
+    controls[1].select_slider(
         "Layer (shallow → deep)",
         options=list(range(len(layer_names))),
-        value=blip.default_layer(method),
+        value=captioner.default_layer(method),
         format_func=lambda index: layer_names[index],
         key=f"layer_{method}",
     )
-    opacity = controls[2].slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
-    colormap = controls[3].selectbox("Colour map", colormap_names(), key="colormap")
-    show_grid = controls[4].toggle("Patch grid", key="show_grid")
-    shared_scale = controls[4].toggle("One scale for all layers", value=False, key="shared_scale")
-    return method, layer, opacity, colormap, show_grid, shared_scale
+    controls[2].slider("Opacity", 0.0, 1.0, default["opacity"], 0.05, key="opacity")
+    colormaps = colormap_names()
+    controls[3].selectbox("Colour map", colormaps, index=colormaps.index(default["colormap"]), key="colormap")
+    controls[4].toggle("Patch grid", value=default["show_grid"], key="show_grid")
+    controls[4].toggle("One scale for all layers", value=default["shared_scale"], key="shared_scale")
+    return view_settings(captioner)
 
 
 def with_grid(page: Page, shown: Image.Image) -> Image.Image:
     """``shown`` (the displayed image or an overlay) with lines at the model's patch boundaries."""
-    return draw_grid(shown, *page.blip.geometry.patch_lines_image(shown.size))
+    return draw_grid(shown, *page.captioner.image_geometry(shown.size).patch_lines_image())
 
 
 def region_image(page: Page, show_grid: bool) -> Image.Image:
@@ -358,12 +420,15 @@ def region_image(page: Page, show_grid: bool) -> Image.Image:
     return shown
 
 
-def handle_click(value: dict | None, image: Image.Image) -> None:
-    """Turn a new click (in displayed pixels) into a corner in original pixels; two make a box."""
-    if value is None or value["unix_time"] == st.session_state.last_click_time:
+def handle_click(value: object, image: Image.Image) -> None:
+    """Turn a new click (in displayed pixels) into a corner in original pixels; two make a box.
+    A malformed value from the page is ignored."""
+    if not isinstance(value, dict) or value.get("unix_time") == st.session_state.last_click_time:
         return  # the component returns its last click again on every rerun
-    st.session_state.last_click_time = value["unix_time"]
-    point = (value["x"] * image.width / value["width"], value["y"] * image.height / value["height"])
+    st.session_state.last_click_time = value.get("unix_time")
+    point = click_to_image(value, image.size)
+    if point is None:
+        return
     clicks = [] if len(st.session_state.clicks) >= 2 else list(st.session_state.clicks)
     clicks.append(point)
     st.session_state.clicks = clicks
@@ -375,33 +440,39 @@ def handle_click(value: dict | None, image: Image.Image) -> None:
 
 
 @st.fragment
-def heatmap_ui(page: Page, word: int) -> None:
+def heatmap_ui(page: Page, word: int, page_view: ViewSettings) -> None:
     """Original image (click twice for a region) beside the chosen word's heatmap.
 
-    A fragment: moving a slider here reruns this section only, not the whole page.
+    A fragment: opacity, colour map, grid and scale rerun this section only. A new method or
+    layer reruns the whole page, since the panels below (metrics, video, report) use it too;
+    ``page_view`` is the selection they were drawn with.
     """
-    method, layer, opacity, colormap, show_grid, shared_scale = heatmap_controls_ui(page.blip)
-    maps = page.word_maps(method)[word]
+    view = heatmap_controls_ui(page.captioner)
+    if (view.method, view.layer) != (page_view.method, page_view.layer):
+        st.rerun(scope="app")
+    maps = page.word_maps(view.method, word)
     heat, value_range = page.heat_images(maps)
     overlay = overlay_heatmap(
         page.display_image,
-        heat[layer],
-        alpha=opacity,
-        colormap=colormap,
-        value_range=value_range if shared_scale else None,
+        heat[view.layer],
+        alpha=view.opacity,
+        colormap=view.colormap,
+        value_range=value_range if view.shared_scale else None,
     )
     left, right = st.columns(2)
     with left:
         st.caption("Click two corners to select a region.")
-        value = streamlit_image_coordinates(region_image(page, show_grid), width=DISPLAY_WIDTH, key="region_clicks")
+        shown = region_image(page, view.show_grid)
+        value = streamlit_image_coordinates(shown, width=DISPLAY_WIDTH, key="region_clicks")
         handle_click(value, page.image)
     with right:
-        st.caption(f"“{maps.word}” · {maps.layer_names[layer]} · score {maps.score:.2f}")
-        st.image(with_grid(page, overlay) if show_grid else overlay, width=DISPLAY_WIDTH)
-    region_controls_ui(page, maps.cam_grid[layer], maps.word)
+        word_text = escape_markdown(maps.word)
+        st.caption(f"“{word_text}” · {maps.layer_names[view.layer]} · score {maps.score:.2f}")
+        st.image(with_grid(page, overlay) if view.show_grid else overlay, width=DISPLAY_WIDTH)
+    region_controls_ui(page, maps.cam_patches[view.layer], maps.word)
 
 
-def region_controls_ui(page: Page, cam_grid, word: str) -> None:
+def region_controls_ui(page: Page, cam_patches, word: str) -> None:
     """Reset the region, or select the heatmap's top patches as the region."""
     reset_column, fraction_column, auto_column = st.columns([1, 2, 1])
     if reset_column.button("Reset region", key="reset_region"):
@@ -409,8 +480,7 @@ def region_controls_ui(page: Page, cam_grid, word: str) -> None:
         st.rerun()
     fraction = fraction_column.slider("Auto region: top % of patches", 1, 50, 10, key="auto_fraction")
     if auto_column.button("Auto region", key="auto_region"):
-        patch_ids = top_patches(cam_grid, fraction / 100)
-        boxes = tuple(page.blip.geometry.patch_box_image(page.image.size, patch_id) for patch_id in patch_ids)
+        boxes = page.patch_boxes(top_patches(cam_patches, fraction / 100))
         st.session_state.clicks = []
         st.session_state.region = (f"top {fraction}% of patches for “{word}”", boxes)
         st.rerun()
@@ -426,17 +496,14 @@ def mask_ui(page: Page) -> MaskedCaption | None:
         st.info("Select a region on the image (two clicks, or Auto region) to run the causal test.")
         return None
     description, boxes = st.session_state.region
-    st.write(f"Region: {description}")
+    st.write(f"Region: {escape_markdown(description)}")
     fill = st.selectbox("Fill", FILL_MODES, index=FILL_MODES.index(DEFAULT_FILL), key="fill")
     request = (repr(boxes), fill)
     if st.button("Mask and regenerate", type="primary", key="regenerate"):
         st.session_state.masked_request = request
     if st.session_state.masked_request != request:
         return None
-    masked = cached_masked_caption(
-        page.model_key, page.image_key, page.caption_key, repr(boxes), fill, tuple(vars(page.decoding).values()),
-        page.blip, page.image, page.caption, boxes,
-    )
+    masked = cached_masked_caption(page.key, boxes, fill, page.decoding, page.captioner, page.image, page.caption)
     caption = page.caption
     before, after = st.columns(2)
     before.image(masked.masked_image, caption="Masked image", width=DISPLAY_WIDTH)
@@ -451,19 +518,20 @@ def mask_ui(page: Page) -> MaskedCaption | None:
     st.caption("Change in teacher-forced log p of each original word under the mask")
     st.bar_chart({"word": numbered_words(caption), "Δ log p": masked.log_prob_change.tolist()}, x="word", y="Δ log p")
     if page.clip is not None:
-        clip_pairs_ui(page, masked, f"{page.image_key}|masked|{repr(boxes)}|{fill}")
+        clip_pairs_ui(page, masked, f"{page.key.image}|masked|{boxes!r}|{fill}")
     return masked
 
 
-def clip_pairs_ui(page: Page, masked: MaskedCaption, masked_key: str) -> None:
+def clip_pairs_ui(page: Page, masked: MaskedCaption, masked_image_key: str) -> None:
     """CLIP similarity before and after masking, for the old and the new caption."""
+    masked_key = WorkKey(page.clip_model_key, masked_image_key)
     pairs = [
-        ("original image · original caption", page.image_key, page.image, page.caption.text),
+        ("original image · original caption", page.clip_key, page.image, page.caption.text),
         ("masked image · original caption", masked_key, masked.masked_image, page.caption.text),
         ("masked image · new caption", masked_key, masked.masked_image, masked.caption.text),
     ]
     for column, (label, key, shown_image, text) in zip(st.columns(3), pairs, strict=True):
-        score = cached_similarity(page.clip_key, key, (text,), page.clip, shown_image).cosine_x100[0]
+        score = cached_similarity(key, (text,), page.clip, shown_image).cosine_x100[0]
         column.metric(f"CLIP: {label}", f"{score:.1f}")
 
 
@@ -472,43 +540,34 @@ def numbered_words(caption: Caption) -> list[str]:
     return [f"{index + 1}. {word.text}" for index, word in enumerate(caption.words)]
 
 
-def escape_markdown(text: str) -> str:
-    """Show model or user text literally: no Markdown or HTML from it reaches the page."""
-    return "".join(f"\\{character}" if character in "\\`*_{}[]()#+-.!<>|~$" else character for character in text)
-
-
 # ---------------------------------------------------------------- metrics
 
 
-def metrics_ui(page: Page, word: int) -> dict:
+def metrics_ui(page: Page, word: int, view: ViewSettings) -> dict:
     """Deletion/insertion curves, the most faithful layer, the minimal removing region and a
     model-randomisation sanity check for the chosen word, method and layer."""
     st.header("Metrics for the chosen word")
-    method = st.session_state.get("method", DEFAULT_METHOD)
-    layer = st.session_state.get(f"layer_{method}", page.blip.default_layer(method))
+    method, layer = view.method, view.layer
     fill_column, steps_column = st.columns(2)
     fill = fill_column.selectbox(
         "Fill for masked patches", FILL_MODES, index=FILL_MODES.index(DEFAULT_FILL), key="metrics_fill"
     )
     steps = steps_column.slider("Curve steps", 4, 32, 16, key="metrics_steps")
-    request = (page.image_key, page.caption_key, word, method, layer, fill, steps)
+    request = (page.key, word, method, layer, fill, steps)
     measure_column, sanity_column = st.columns(2)
     if measure_column.button("Measure faithfulness", key="measure"):
         st.session_state.metrics_request = request
     if sanity_column.button("Sanity check (randomise top layers)", key="sanity"):
         st.session_state.sanity_request = request
     reported = {}
-    if st.session_state.get("metrics_request") == request:
-        maps = page.word_maps(method)[word]
+    if st.session_state.metrics_request == request:
+        maps = page.word_maps(method, word)
         result = cached_word_faithfulness(
-            page.model_key, page.image_key, page.caption_key, word, method, layer, fill, steps,
-            tuple(vars(page.decoding).values()), page.blip, page.image, page.caption, maps,
+            page.key, word, method, layer, fill, steps, page.decoding, page.captioner, page.image, page.caption, maps
         )
         reported = faithfulness_ui(page, maps, layer, result)
-    if st.session_state.get("sanity_request") == request:
-        check = cached_sanity_check(
-            page.model_key, page.image_key, page.caption_key, word, method, layer, page.blip, page.image, page.caption
-        )
+    if st.session_state.sanity_request == request:
+        check = cached_sanity_check(page.key, word, method, layer, page.captioner, page.image, page.caption)
         message = f"Rank correlation of the map before and after randomising the top layers: {check.correlation:.2f}."
         if check.barely_depends:
             st.warning(message + " The map barely depends on the weights, so it cannot be explaining them.")
@@ -547,7 +606,7 @@ def faithfulness_ui(page: Page, maps: WordMaps, layer: int, result: WordFaithful
             f"the caption becomes “{escape_markdown(' '.join(removal.caption_words))}”."
         )
         if st.button("Use the minimal region", key="use_minimal_region"):
-            boxes = tuple(page.blip.geometry.patch_box_image(page.image.size, patch) for patch in removal.patch_ids)
+            boxes = page.patch_boxes(removal.patch_ids)
             st.session_state.clicks = []
             st.session_state.region = (f"minimal removing region for “{maps.word}”", boxes)
             # The causal test's fill widget may not exist yet (no region before): use its default.
@@ -559,16 +618,25 @@ def faithfulness_ui(page: Page, maps: WordMaps, layer: int, result: WordFaithful
 # ---------------------------------------------------------------- CLIP
 
 
-def clip_ui(page: Page, word: int) -> Image.Image | None:
-    """CLIP similarity for an editable sentence, and CLIP's heatmap beside BLIP's."""
+@dataclass(frozen=True)
+class ClipShown:
+    """The CLIP heatmap on the page and what it explains."""
+
+    overlay: Image.Image
+    text: str
+    layer: int
+
+
+def clip_ui(page: Page, word: int, view: ViewSettings) -> ClipShown | None:
+    """CLIP similarity for an editable sentence, and CLIP's heatmap beside the captioner's."""
     st.header("Check with CLIP")
     clip = page.clip
     if clip is None:
         st.info("CLIP is not loaded.")
         return None
     caption_text = page.caption.text
-    text = st.text_input("Sentence to check", caption_text, max_chars=300, key=f"clip_text_{page.caption_key}")
-    similarity = cached_similarity(page.clip_key, page.image_key, (caption_text, text), clip, page.image)
+    text = st.text_input("Sentence to check", caption_text, max_chars=300, key=f"clip_text_{page.key.caption}")
+    similarity = cached_similarity(page.clip_key, (caption_text, text), clip, page.image)
     caption_score, text_score = similarity.cosine_x100
     caption_column, text_column = st.columns(2)
     caption_column.metric("CLIP score of the caption", f"{caption_score:.1f}")
@@ -579,42 +647,41 @@ def clip_ui(page: Page, word: int) -> Image.Image | None:
         key="clip_layer",
     )
     explained = text if target == "the sentence" else page.caption.words[word].text
-    clip_map = cached_clip_map(page.clip_key, page.image_key, explained, layer, clip, page.image)
-    clip_overlay = overlay_heatmap(
-        page.display_image, cam_grid_to_image(clip_map.cam_grid, clip.geometry, page.display_image.size)
-    )
-    blip_maps = page.word_maps(DEFAULT_METHOD)[word]
-    blip_layer = page.blip.default_layer(DEFAULT_METHOD)
-    blip_heat = cam_grid_to_image(blip_maps.cam_grid[blip_layer], page.blip.geometry, page.display_image.size)
-    blip_overlay = overlay_heatmap(page.display_image, blip_heat)
+    clip_map = cached_clip_map(page.clip_key, explained, layer, clip, page.image)
+    clip_heat = page.display_geometry(clip).cam_to_image(clip_map.cam_patches)
+    clip_overlay = overlay_heatmap(page.display_image, clip_heat)
+    maps = page.word_maps(view.method, word)
+    heat = page.display_geometry(page.captioner).cam_to_image(maps.cam_patches[view.layer])
+    captioner_overlay = overlay_heatmap(page.display_image, heat)
     left, right = st.columns(2)
     left.image(
-        blip_overlay, caption=f"BLIP · “{blip_maps.word}” · {blip_maps.layer_names[blip_layer]}", width=DISPLAY_WIDTH
+        captioner_overlay,
+        caption=f"Captioner · “{escape_markdown(maps.word)}” · {maps.layer_names[view.layer]}",
+        width=DISPLAY_WIDTH,
     )
     right.image(
         clip_overlay,
-        caption=f"CLIP · “{explained}” · {clip_map.layer_name} (hatched: outside CLIP's centre crop)",
+        caption=f"CLIP · “{escape_markdown(explained)}” · {clip_map.layer_name} (hatched: outside CLIP's centre crop)",
         width=DISPLAY_WIDTH,
     )
-    return clip_overlay
+    return ClipShown(clip_overlay, explained, layer)
 
 
 # ---------------------------------------------------------------- video and report
 
 
-def video_ui(page: Page, word: int) -> bytes | None:
+def video_ui(page: Page, word: int, view: ViewSettings) -> bytes | None:
     """Build, play and download the chosen word's heatmap evolving across layers."""
     st.header("Layer evolution video")
-    method = st.session_state.get("method", DEFAULT_METHOD)
-    video_key = (page.model_key, page.image_key, page.caption_key, word, method)
+    video_key = (page.key, view.method, word, view.colormap)
     if st.button("Build video", key="build_video"):
         progress = st.progress(0.0, text="Computing maps for every layer…")
-        maps = page.word_maps(method)[word]
+        maps = page.word_maps(view.method, word)
         heat, _ = page.heat_images(maps)
         progress.progress(0.3, text="Drawing frames…")
         frames = layer_frames(
             page.display_image, heat, maps.layer_names, maps.word, alpha=0.5,
-            colormap=st.session_state.get("colormap", "jet"), hold_frames=VIDEO_FPS, fade_frames=VIDEO_FPS // 3,
+            colormap=view.colormap, hold_frames=VIDEO_FPS, fade_frames=VIDEO_FPS // 3,
         )
         progress.progress(0.6, text="Encoding H.264…")
         st.session_state.video = (video_key, encode_mp4(frames, VIDEO_FPS))
@@ -629,21 +696,40 @@ def video_ui(page: Page, word: int) -> bytes | None:
     return video
 
 
-def report_ui(
-    page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video, measured: dict
-) -> None:
+@dataclass(frozen=True)
+class Shown:
+    """What the page shows below the heatmap, as the report collects it."""
+
+    word: int
+    view: ViewSettings
+    masked: MaskedCaption | None
+    measured: dict
+    clip: ClipShown | None
+    video: bytes | None
+
+    def key(self, page: Page) -> str:
+        """Names what the report would hold: a report for anything else is not offered."""
+        clip = self.clip and (self.clip.text, self.clip.layer)
+        video = self.video and sha256(self.video)
+        masked = self.masked and st.session_state.masked_request
+        return repr((page.key, self.view.method, self.word, self.view.layer, masked, self.measured, clip, video))
+
+
+def report_ui(page: Page, model_label: str, shown: Shown) -> None:
     """One ZIP (images, captions, metrics, video) and the same as a self-contained HTML page.
 
     Built on request, not on every rerun: encoding every layer's PNG costs seconds on big images.
+    Offered only while the page still shows what it was built from.
     """
     st.header("Report")
+    key = shown.key(page)
     if st.button("Prepare report", key="prepare_report"):
-        content = report_content(page, model_label, word, masked, clip_overlay, video, measured)
-        st.session_state.report = (report_zip(content), report_html(content))
-    if not st.session_state.get("report"):
+        content = report_content(page, model_label, shown)
+        st.session_state.report = (key, report_zip(content), report_html(content))
+    if not (st.session_state.report and st.session_state.report[0] == key):
         st.caption("Collects what is on the page now: heatmaps of every layer, mask, captions, metrics, video.")
         return
-    archive, page_html = st.session_state.report
+    _, archive, page_html = st.session_state.report
     zip_column, html_column = st.columns(2)
     zip_column.download_button(
         "Download report (ZIP)", archive, file_name="vlm_explainer_report.zip",
@@ -655,21 +741,19 @@ def report_ui(
     )
 
 
-def report_content(
-    page: Page, model_label: str, word: int, masked: MaskedCaption | None, clip_overlay, video, measured: dict
-) -> ReportContent:
+def report_content(page: Page, model_label: str, shown: Shown) -> ReportContent:
     """Everything the report holds, from what the page shows now."""
-    method = st.session_state.get("method", DEFAULT_METHOD)
-    maps = page.word_maps(method)[word]
+    method, masked = shown.view.method, shown.masked
+    maps = page.word_maps(method, shown.word)
     heat, value_range = page.heat_images(maps)
     heatmaps = tuple(
-        (f"BLIP {method} · {name} · word: {maps.word}",
+        (f"{page.captioner.method_label(method)} · {name} · word: {maps.word}",
          overlay_heatmap(page.display_image, layer_heat, value_range=value_range))
         for name, layer_heat in zip(maps.layer_names, heat, strict=True)
     )
-    if clip_overlay is not None:
-        heatmaps += (("CLIP", clip_overlay),)
-    metrics = {"word": maps.word, "method": method, "score": maps.score, **measured}
+    if shown.clip is not None:
+        heatmaps += (("CLIP", shown.clip.overlay),)
+    metrics = {"word": maps.word, "method": method, "score": maps.score, **shown.measured}
     if masked is not None:
         metrics["removed_words"] = masked.removed
         changes = masked.log_prob_change.tolist()
@@ -684,7 +768,7 @@ def report_content(
         captions={"original": page.caption.text, **({"masked": masked.caption.text} if masked else {})},
         diff=masked.diff if masked else None,
         metrics=metrics,
-        video_mp4=video,
+        video_mp4=shown.video,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
@@ -697,26 +781,41 @@ def main() -> None:
     init_state()
     st.title("VLM Explainer")
     st.caption("Why did the model write that word? Heatmaps, a causal masking test and a CLIP cross-check.")
-    choice, device, decoding = sidebar_ui()
-    blip, clip, model_key, clip_key = load_models_ui(choice, device)
+    choice, device = model_ui()
+    captioner, clip, model_key, clip_model_key = load_models_ui(choice, device)
+    decoding = decoding_ui(captioner)
     image_input_ui()
     if st.session_state.image_bytes is None:
         st.info("Upload an image or pick an example scene to begin.")
         return
     image = load_image(st.session_state.image_bytes)
-    image_key = sha256(st.session_state.image_bytes)
-    caption = cached_caption(model_key, image_key, tuple(vars(decoding).values()), blip, image)
+    image_key = WorkKey(model_key, sha256(st.session_state.image_bytes))
+    try:
+        caption = cached_caption(image_key, decoding, captioner, image)
+    except PromptTooLongError as error:
+        st.error(escape_markdown(str(error)))
+        return
     page = Page(
-        blip, clip, model_key, clip_key, image, image_key, fit_for_display(image, DISPLAY_MAX_SIDE),
-        caption, "-".join(map(str, caption.token_ids)), decoding,
+        captioner, clip, replace(image_key, caption="-".join(map(str, caption.token_ids))), clip_model_key,
+        image, fit_for_display(image, DISPLAY_MAX_SIDE), caption, decoding,
     )
     word = caption_ui(page)
-    heatmap_ui(page, word)
+    view = view_settings(captioner)
+    heatmap_ui(page, word, view)
     masked = mask_ui(page)
-    measured = metrics_ui(page, word)
-    clip_overlay = clip_ui(page, word)
-    video = video_ui(page, word)
-    report_ui(page, choice.label, word, masked, clip_overlay, video, measured)
+    measured = metrics_ui(page, word, view)
+    clip_shown = clip_ui(page, word, view)
+    video = video_ui(page, word, view)
+    report_ui(page, choice.label, Shown(word, view, masked, measured, clip_shown, video))
+    fill_word_maps(page, view.method)
+
+
+def fill_word_maps(page: Page, method: str) -> None:
+    """Once the page is drawn, every word's maps in one pass, so that choosing another word
+    shows its maps at once."""
+    if (page.key, method) not in st.session_state.filled_word_maps:
+        page.all_word_maps(method)
+        st.session_state.filled_word_maps.add((page.key, method))
 
 
 if __name__ == "__main__":  # Streamlit runs the script as __main__; tests import its constants

@@ -30,6 +30,21 @@ from utils.patch_utils import Box, Colour, FillMode, mask_boxes
 
 
 @dataclass(frozen=True)
+class WorkKey:
+    """Names the inputs of cached model work: the model (source and device), the image (the
+    sha256 of its bytes: Streamlit's own hashing samples large data) and the caption's ids.
+
+    Defined here, not in app.py: Streamlit executes the script anew on every rerun, and keys
+    kept in session state must compare equal across runs (a class defined in the script would
+    be a new class each time).
+    """
+
+    model: str
+    image: str
+    caption: str = ""
+
+
+@dataclass(frozen=True)
 class MaskedCaption:
     """The causal test: the image with a region masked, captioned again.
 

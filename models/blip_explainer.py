@@ -98,6 +98,10 @@ class BlipExplainer(CaptionerExplainer):
     def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits
 
+    @property
+    def max_caption_tokens(self) -> int:
+        return self.model.config.text_config.max_position_embeddings  # 32 on the demo, 512 on BLIP base
+
     @in_denormal_mode
     @torch.no_grad()
     def caption(
@@ -112,7 +116,7 @@ class BlipExplainer(CaptionerExplainer):
         generated = self.model.generate(
             pixel_values=pixel_values,
             input_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=self.new_token_budget(prompt_length, max_new_tokens),
             num_beams=num_beams,
             do_sample=False,
         )

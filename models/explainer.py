@@ -261,6 +261,10 @@ def occlusion_blocks(geometry: ImageGeometry) -> list[list[int]]:
     return blocks
 
 
+class PromptTooLongError(ValueError):
+    """The prompt fills the model's token positions, leaving no room for a caption."""
+
+
 class CaptionerExplainer(PretrainedExplainer):
     """Captions an image and explains each caption word with heatmaps; one subclass per family.
 
@@ -310,7 +314,14 @@ class CaptionerExplainer(PretrainedExplainer):
         raise NotImplementedError
 
     def caption(self, image: Image.Image, prompt: str = "", max_new_tokens: int = 30, num_beams: int = 1) -> Caption:
-        """Generate a caption (greedy when ``num_beams`` is 1), optionally continuing ``prompt``."""
+        """Generate a caption (greedy when ``num_beams`` is 1), optionally continuing ``prompt``,
+        with at most ``new_token_budget`` new ids."""
+        raise NotImplementedError
+
+    @property
+    def max_caption_tokens(self) -> int:
+        """Most ids a caption may hold, BOS and prompt included: the text model's position limit
+        (generation would index past it)."""
         raise NotImplementedError
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
@@ -333,6 +344,21 @@ class CaptionerExplainer(PretrainedExplainer):
         return {**inputs, "pixel_values": occluded}
 
     # ------------------------------------------------------------ shared by every family
+
+    def new_token_budget(self, prompt_length: int, max_new_tokens: int) -> int:
+        """How many ids a caption may add after ``prompt_length`` ids: at most ``max_new_tokens``,
+        fewer when the prompt leaves less room under ``max_caption_tokens``.
+
+        Raises:
+            PromptTooLongError: the prompt leaves no room for a single new id.
+        """
+        room = self.max_caption_tokens - prompt_length
+        if room < 1:
+            raise PromptTooLongError(
+                f"The prompt takes {prompt_length} of the model's {self.max_caption_tokens} token positions, "
+                "leaving none for the caption. Shorten the prompt."
+            )
+        return min(max_new_tokens, room)
 
     def caption_from_ids(self, token_ids: Sequence[int], prompt_length: int = 1) -> Caption:
         """A Caption (pieces, whole words, text without special ids) from the ids the

@@ -46,9 +46,15 @@ def click(app: AppTest, x_image: float, y_image: float, image_width: int, unix_t
     return app
 
 
+def image_captions(app: AppTest) -> list[str]:
+    """Captions of every st.image on the page (AppTest has no accessor for them)."""
+    return [image.caption for element in app.get("image") for image in element.proto.imgs]
+
+
 @contextmanager
 def count_model_forwards() -> Iterator[list[int]]:
-    """Count forward calls of every BLIP or CLIP module in this process while the block runs."""
+    """Count forward calls of every captioner (the demo is a BLIP) or CLIP module in this
+    process while the block runs."""
     calls = [0]
 
     def hook(module, inputs, output):

@@ -11,11 +11,12 @@ import torch
 
 from models.blip_explainer import BlipExplainer
 from models.cam_methods import hires_cam
+from models.explainer import PromptTooLongError
 from models.hooks import capture_outputs
 from models.loading import torch_threads
 from tests.conftest import random_image
 from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
-from tests.tiny_models import BOS_ID, SEP_ID, VOCABULARY
+from tests.tiny_models import BOS_ID, SEP_ID, VOCABULARY, build_tiny_blip
 
 # "a red dog ##s and blue square" with BLIP's BOS first and [SEP] last, as generate() returns it.
 CAPTION_IDS = [BOS_ID] + [VOCABULARY[piece] for piece in ["a", "red", "dog", "##s", "and", "blue", "square"]] + [SEP_ID]
@@ -210,6 +211,30 @@ def test_caption_respects_max_new_tokens_and_prompt(tiny_blip):
     assert prompted.prompt_length == 4
     assert all(word.start >= 4 for word in prompted.words)
     assert prompted.text.startswith("a picture of")
+
+
+@pytest.fixture(scope="module")
+def endless_blip() -> BlipExplainer:
+    """A tiny BLIP with 8 token positions that never ends a caption: it always writes "dog"."""
+    model, processor = build_tiny_blip(max_positions=8)
+    model.text_decoder.get_output_embeddings().bias.data[VOCABULARY["dog"]] = 1e4
+    return BlipExplainer(model, processor)
+
+
+def test_generation_stops_at_the_models_position_limit(endless_blip):
+    image = random_image(9)
+    assert endless_blip.max_caption_tokens == 8
+    caption = endless_blip.caption(image, max_new_tokens=60, num_beams=2)  # used to raise IndexError
+    assert caption.token_ids == (BOS_ID,) + (VOCABULARY["dog"],) * 7
+    prompted = endless_blip.caption(image, prompt="a picture of", max_new_tokens=60)
+    assert prompted.token_ids == (BOS_ID, VOCABULARY["a"], VOCABULARY["picture"], VOCABULARY["of"]) + (
+        VOCABULARY["dog"],
+    ) * 4
+
+
+def test_a_prompt_that_fills_every_position_is_refused_with_a_message(endless_blip):
+    with pytest.raises(PromptTooLongError, match="takes 9 of the model's 8 token positions"):
+        endless_blip.caption(random_image(9), prompt="a red dog on grass and a cat")
 
 
 def test_unknown_method_is_refused(tiny_blip, caption):

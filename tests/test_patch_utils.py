@@ -12,6 +12,7 @@ from utils.patch_utils import (
     aspect_resize_geometry,
     box_from_corners,
     centre_crop_geometry,
+    click_to_image,
     mask_boxes,
     mask_patches,
     squash_geometry,
@@ -175,3 +176,19 @@ def test_mask_patches_covers_exactly_those_patches():
     masked = np.asarray(mask_patches(image, geometry, [1], "black"))
     assert (masked[:16, 32:] == 0).all()
     assert (masked[:16, :32] == 255).all() and (masked[16:] == 255).all()
+
+
+def test_a_click_is_scaled_from_displayed_to_image_pixels():
+    assert click_to_image({"x": 105, "y": 42, "width": 420, "height": 210, "unix_time": 1}, (840, 420)) == (210, 84)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, "x", [1, 2], {"x": 1, "y": 1, "width": 0, "height": 10}, {"x": 1e308, "y": 1, "width": 10, "height": 10},
+     {"x": "1", "y": 1, "width": 10, "height": 10}, {"x": float("inf"), "y": 1, "width": 10, "height": 10},
+     {"x": 1, "y": float("nan"), "width": 10, "height": 10}, {"x": -1, "y": 1, "width": 10, "height": 10},
+     {"x": 1, "y": 1, "width": 10, "height": -10}, {"x": False, "y": 1, "width": 10, "height": 10},
+     {"y": 1, "width": 10, "height": 10}],
+)
+def test_a_malformed_click_is_ignored(value):
+    assert click_to_image(value, (100, 100)) is None

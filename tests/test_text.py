@@ -1,37 +1,36 @@
-"""Tests for utils/text.py: the one table of markup characters and its two escapes."""
+"""Model and user text shown literally: the one escape, and figure titles."""
 
 from __future__ import annotations
 
 import html
 import re
 
+import numpy as np
 import pytest
 
-from utils.text import MARKDOWN_CHARACTERS, escape_html, escape_markdown
+from utils.metrics import Curve, CurveSet
+from utils.plots import curves_figure
+from utils.text import MARKUP_CHARACTERS, escape_markdown
 
 
-def test_escape_markdown_puts_a_backslash_before_every_markup_character_and_nothing_else():
-    assert escape_markdown("a red dog") == "a red dog"
-    assert escape_markdown("**bold** [link](x) <b>") == r"\*\*bold\*\* \[link\]\(x\) \<b\>"
-    assert escape_markdown("# 1. $x$ ~y~ `z` a_b \\") == r"\# 1\. \$x\$ \~y\~ \`z\` a\_b \\"
-    every = escape_markdown(MARKDOWN_CHARACTERS)
-    assert every == "".join(f"\\{character}" for character in MARKDOWN_CHARACTERS)
+@pytest.mark.parametrize(
+    "text",
+    ["**bold**", "[x](javascript:alert(1))", "$x^2$", ":smile:", "<img src=x onerror=alert(1)>", "a&b", "# title",
+     "1. item", "~~gone~~", "`code`", "a_b_c", "\\*", "&#42;", "plain words"],
+)
+def test_escaped_text_reads_back_as_written_and_holds_no_markup_character(text):
+    escaped = escape_markdown(text)
+    assert html.unescape(escaped) == text
+    assert not set(MARKUP_CHARACTERS) & set(re.sub(r"&#\d+;", "", escaped))
 
 
-@pytest.mark.parametrize("text", ["**x**", "[a](b)", "<img src=x>", "\\*", "$1 + $2", "a\\", ""])
-def test_escape_markdown_round_trips_through_commonmark_unescaping(text):
-    """CommonMark turns a backslash before any ASCII punctuation back into the character: the
-    reader sees exactly the original text."""
-    unescaped = re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", escape_markdown(text))
-    assert unescaped == text
+def test_plain_words_are_left_alone():
+    assert escape_markdown("a red circle") == "a red circle"
 
 
-def test_escape_html_is_html_escape_plus_references_for_inline_markdown():
-    assert escape_html("<script>alert(1)</script>") == "&lt;script&gt;alert(1)&lt;/script&gt;"
-    assert escape_html("$x$ :smile: **b** ~s~ `c` a_b [l] |t| \\") == (
-        "&#36;x&#36; &#58;smile&#58; &#42;&#42;b&#42;&#42; &#126;s&#126; &#96;c&#96; a&#95;b "
-        "&#91;l&#93; &#124;t&#124; &#92;"
-    )
-    # html.escape's own references keep their "#" and ";", so a plain page reads the text back.
-    for text in ["it's \"a\" & <b>", "a*b:c$d"]:
-        assert html.unescape(escape_html(text)) == text
+def test_a_word_in_a_figure_title_is_not_read_as_mathtext():
+    fractions = np.linspace(0, 1, 5)
+    curve = Curve("deletion", fractions, np.ones(5), 1.0)
+    figure = curves_figure(CurveSet(curve, curve, curve, curve), "$x$")
+    titles = [axes.title for axes in figure.axes]
+    assert all("“$x$”" in title.get_text() and not title.get_parse_math() for title in titles)

@@ -31,24 +31,31 @@ VISION_LAYERS = 3
 TEXT_LAYERS = 2
 
 
-def tiny_tokenizer() -> BertTokenizer:
+# Characters that Markdown, LaTeX or HTML would read as markup, for a captioner that writes them.
+MARKUP_VOCABULARY = {**VOCABULARY, **{token: len(VOCABULARY) + index for index, token in enumerate("*_$[]<>`#:~")}}
+
+
+def tiny_tokenizer(vocabulary: dict[str, int] = VOCABULARY) -> BertTokenizer:
     # vocab= (not vocab_file=): transformers 5 silently builds an empty vocabulary otherwise.
-    return BertTokenizer(vocab=dict(VOCABULARY), do_lower_case=True)
+    return BertTokenizer(vocab=dict(vocabulary), do_lower_case=True)
 
 
 def _small_tower(**overrides) -> dict:
     return dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, **overrides)
 
 
-def build_tiny_blip(seed: int = 0) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
-    """A 3-layer vision / 2-layer text BLIP on 32 px images (4 x 4 patches), random weights."""
+def build_tiny_blip(
+    seed: int = 0, max_positions: int = 64, vocabulary: dict[str, int] = VOCABULARY
+) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+    """A 3-layer vision / 2-layer text BLIP on 32 px images (4 x 4 patches), random weights,
+    whose captions hold at most ``max_positions`` ids."""
     config = BlipConfig(
         vision_config=_small_tower(num_hidden_layers=VISION_LAYERS, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE),
         text_config=_small_tower(
             num_hidden_layers=TEXT_LAYERS,
-            vocab_size=len(VOCABULARY),
+            vocab_size=len(vocabulary),
             encoder_hidden_size=32,
-            max_position_embeddings=64,
+            max_position_embeddings=max_positions,
             bos_token_id=BOS_ID,
             pad_token_id=PAD_ID,
             sep_token_id=SEP_ID,
@@ -59,7 +66,7 @@ def build_tiny_blip(seed: int = 0) -> tuple[BlipForConditionalGeneration, BlipPr
     model = BlipForConditionalGeneration(config).eval()
     processor = BlipProcessor(
         image_processor=BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tiny_tokenizer(),
+        tokenizer=tiny_tokenizer(vocabulary),
     )
     return model.requires_grad_(False), processor
 
@@ -88,6 +95,15 @@ def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
         tokenizer=tiny_tokenizer(),
     )
     return model.requires_grad_(False), processor
+
+
+def build_markup_writing_blip() -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+    """A tiny BLIP whose captions are markup characters only ("* $ _ [ ..."), 11 of them:
+    every other id, [SEP] included, is far less likely, and the random weights pick among them."""
+    model, processor = build_tiny_blip(max_positions=12, vocabulary=MARKUP_VOCABULARY)
+    bias = model.text_decoder.get_output_embeddings().bias.data
+    bias[len(VOCABULARY):] += 100.0
+    return model, processor
 
 
 def save_tiny(model, processor, folder: Path) -> Path:

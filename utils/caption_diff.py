@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from utils.text import escape_html
+from utils.text import escape_markdown
 
 Change = Literal["same", "removed", "added"]
 CHANGES: tuple[str, ...] = ("same", "removed", "added")
@@ -24,7 +24,6 @@ CHANGE_STYLES = {
     "padding: 0 0.15em; border-radius: 0.2em;",
     "added": "background-color: #cdeccd; color: #135a13; padding: 0 0.15em; border-radius: 0.2em;",
 }
-
 
 @dataclass(frozen=True)
 class DiffToken:
@@ -100,8 +99,7 @@ def diff_html(tokens: Sequence[DiffToken]) -> str:
     """
     spans = []
     for token in tokens:
-        # Streamlit's markdown reads $...$, :name:, *, _, ~ and ` even inside HTML.
-        word = escape_html(token.word)
+        word = escape_markdown(token.word)
         style = CHANGE_STYLES[token.change]
         spans.append(f'<span style="{style}">{word}</span>' if style else f"<span>{word}</span>")
     return " ".join(spans)

@@ -292,6 +292,27 @@ def clamp_box(box: Box, image_size: tuple[int, int]) -> Box:
     )
 
 
+def click_to_image(value: object, image_size: tuple[int, int]) -> tuple[float, float] | None:
+    """A click from the image component, in original image pixels; None for a malformed value.
+
+    The browser sends {"x", "y", "width", "height"} in displayed pixels. Anything else (a
+    missing key, a string, a bool, NaN, a zero or negative size, a point outside the shown
+    image) is ignored rather than trusted: the values come from the page, not from us.
+    """
+    if not isinstance(value, dict):
+        return None
+    numbers = [value.get(key) for key in ("x", "y", "width", "height")]
+    if not all(isinstance(number, int | float) and not isinstance(number, bool) for number in numbers):
+        return None
+    x, y, width, height = (float(number) for number in numbers)
+    if not all(math.isfinite(number) for number in (x, y, width, height)) or width <= 0 or height <= 0:
+        return None
+    if not (0 <= x <= width and 0 <= y <= height):
+        return None
+    image_width, image_height = image_size
+    return x * image_width / width, y * image_height / height
+
+
 def box_from_corners(
     corner_a: tuple[float, float], corner_b: tuple[float, float], image_size: tuple[int, int]
 ) -> Box:

@@ -24,7 +24,8 @@ def curves_figure(curves: CurveSet, word: str) -> Figure:
     ):
         for curve, label, style in [(by_map, "by heatmap", "-"), (by_random, "random order", "--")]:
             axes.plot(curve.fractions, curve.relative_scores, style, label=f"{label} (AUC {float(curve.auc):.2f})")
-        axes.set_title(f"{by_map.direction.capitalize()} of patches · “{word}”")
+        # parse_math off: a word such as "$x$" is model text, not LaTeX for matplotlib's mathtext.
+        axes.set_title(f"{by_map.direction.capitalize()} of patches · “{word}”", parse_math=False)
         axes.set_xlabel("share of patches " + ("masked" if by_map.direction == "deletion" else "restored"))
         axes.set_ylabel("p / p(original image)")
         axes.legend(fontsize="small")
