@@ -39,16 +39,18 @@ from models.loading import (
     local_model_dirs,
     model_choices,
 )
+from utils.byte_cache import ByteBoundedCache
 from utils.caption_diff import diff_html
 from utils.image_utils import (
     ImageLoadError,
+    WorkingImage,
     colormap_names,
     draw_box,
     draw_grid,
     draw_marker,
     finite_range,
     fit_for_display,
-    load_image,
+    load_working_image,
     overlay_heatmap,
 )
 from utils.metrics import SanityCheck
@@ -66,6 +68,15 @@ MAX_NEW_TOKENS = 60  # the decoding slider's end, or the model's own limit when 
 REGION_COLOUR = (255, 64, 160)
 # Mean colour shifts the input distribution least of the fills (the demo never saw black squares).
 DEFAULT_FILL = "mean"
+# Uploads: the file size checked here (Streamlit's own, larger cap in .streamlit/config.toml
+# refuses beyond it in the browser) and the pixel count checked by load_image's header read.
+UPLOAD_MAX_MB = 20
+UPLOAD_LIMITS_TEXT = (
+    f"Up to {UPLOAD_MAX_MB} MB and 50 megapixels. The models see at most a few hundred pixels "
+    "a side, and the server is shared: larger files would only cost everyone memory."
+)
+# Results holding images (the masked image and its mask), shared by every session.
+IMAGE_RESULTS_MAX_BYTES = 96 << 20
 
 
 # ---------------------------------------------------------------- cached model work
@@ -111,11 +122,18 @@ def cached_word_maps(key: WorkKey, method: str, _captioner, _image, _caption) ->
     return _captioner.explain(_image, _caption, method=method)
 
 
-@cached(32, "Masking and captioning again…")
-def cached_masked_caption(
-    key: WorkKey, boxes: tuple[Box, ...], fill: str, decoding: Decoding, _captioner, _image, _caption
-) -> MaskedCaption:
-    return mask_and_recaption(_captioner, _image, _caption, boxes, fill, decoding)
+@st.cache_resource
+def image_results() -> ByteBoundedCache:
+    """The one cache of results that hold images, bounded by their bytes, not their count."""
+    return ByteBoundedCache(IMAGE_RESULTS_MAX_BYTES)
+
+
+def cached_masked_caption(page: Page, boxes: tuple[Box, ...], fill: str) -> MaskedCaption:
+    def mask_and_caption() -> MaskedCaption:
+        with st.spinner("Masking and captioning again…"):
+            return mask_and_recaption(page.captioner, page.image, page.caption, boxes, fill, page.decoding)
+
+    return image_results().get_or_compute((page.key, boxes, fill, page.decoding), mask_and_caption)
 
 
 @cached(16, "Measuring: masked images are scored in batches…")
@@ -149,10 +167,14 @@ class Page:
     clip: ClipExplainer | None
     key: WorkKey  # the captioner, the image and the caption
     clip_model_key: str
-    image: Image.Image
+    working: WorkingImage  # the upload as decoded once: every model works on its copy
     display_image: Image.Image  # the image scaled down for the page; overlays are drawn on it
     caption: Caption
     decoding: Decoding
+
+    @property
+    def image(self) -> Image.Image:
+        return self.working.image
 
     @property
     def clip_key(self) -> WorkKey:
@@ -195,13 +217,14 @@ def sha256(data: bytes) -> str:
 def init_state() -> None:
     """Session keys, initialised once per browser session."""
     defaults = {
-        "image_bytes": None,  # the accepted upload or example, as given
+        "working": None,  # WorkingImage of the accepted upload or example
+        "display_image": None,  # its copy for the page, at most DISPLAY_MAX_SIDE
         "image_name": "",
         "last_upload_id": None,
         "last_example": None,
-        "clicks": [],  # region corners in original image pixels
+        "clicks": [],  # region corners in pixels of the working copy
         "last_click_time": None,  # the click component repeats its last value on every rerun
-        "region": None,  # (description, tuple of Box) or None
+        "region": None,  # (description, tuple of Box in working-copy pixels) or None
         "masked_request": None,  # region key + fill the user asked to regenerate
         "video": None,  # (key, mp4 bytes)
         "report": None,  # (key, zip bytes, html text), prepared on request
@@ -294,22 +317,28 @@ def load_models_ui(choice: ModelChoice, device: str) -> tuple[CaptionerExplainer
 
 
 def example_names() -> list[str]:
-    return sorted(path.name for path in EXAMPLES_DIR.glob("*.png"))
+    return sorted(path.name for pattern in ("scene_*.png", "photo_*.jpg") for path in EXAMPLES_DIR.glob(pattern))
 
 
 def accept_image(data: bytes, name: str) -> None:
-    """Make ``data`` the session's image if it loads; otherwise say why and keep the old one."""
-    try:
-        load_image(data)
-    except ImageLoadError as error:
-        st.error(f"{escape_markdown(name)}: {error} The previous image is kept.")
+    """Make ``data`` the session's image if it loads; otherwise say why and keep the old one.
+    It is decoded here, once: reruns work on the copy kept in the session."""
+    working = st.session_state.working
+    if working is not None and sha256(data) == working.sha256:
         return
-    if data != st.session_state.image_bytes:
-        st.session_state.image_bytes = data
-        st.session_state.image_name = name
-        clear_region()
-        st.session_state.video = None
-        st.session_state.report = None
+    try:
+        if len(data) > UPLOAD_MAX_MB << 20:
+            raise ImageLoadError(f"The file is {len(data) / (1 << 20):.1f} MB, over the {UPLOAD_MAX_MB} MB limit.")
+        working = load_working_image(data)
+    except ImageLoadError as error:
+        st.error(f"{escape_markdown(name)}: {escape_markdown(str(error))} The previous image is kept.")
+        return
+    st.session_state.working = working
+    st.session_state.display_image = fit_for_display(working.image, DISPLAY_MAX_SIDE)
+    st.session_state.image_name = name
+    clear_region()
+    st.session_state.video = None
+    st.session_state.report = None
 
 
 def image_input_ui() -> None:
@@ -318,9 +347,10 @@ def image_input_ui() -> None:
     with upload_column:
         # No extension filter: Streamlit would raise on a wrong one, and a file's name says
         # nothing reliable about it. load_image accepts or refuses files by their content.
-        upload = st.file_uploader("Upload an image (JPG, PNG, WebP, BMP or GIF)", key="upload")
+        upload = st.file_uploader("Upload an image (JPG, PNG, WebP, BMP or GIF)", key="upload", help=UPLOAD_LIMITS_TEXT)
+        st.caption(UPLOAD_LIMITS_TEXT)
     with example_column:
-        example = st.selectbox("…or pick an example scene", ["(none)", *example_names()], key="example")
+        example = st.selectbox("…or pick an example", ["(none)", *example_names()], key="example")
     if upload is not None and upload.file_id != st.session_state.last_upload_id:
         st.session_state.last_upload_id = upload.file_id
         accept_image(upload.getvalue(), upload.name)
@@ -420,13 +450,13 @@ def region_image(page: Page, show_grid: bool) -> Image.Image:
     return shown
 
 
-def handle_click(value: object, image: Image.Image) -> None:
-    """Turn a new click (in displayed pixels) into a corner in original pixels; two make a box.
-    A malformed value from the page is ignored."""
+def handle_click(value: object, working: WorkingImage) -> None:
+    """Turn a new click (in displayed pixels) into a corner on the working copy; two make a
+    box, described in pixels of the original image. A malformed value from the page is ignored."""
     if not isinstance(value, dict) or value.get("unix_time") == st.session_state.last_click_time:
         return  # the component returns its last click again on every rerun
     st.session_state.last_click_time = value.get("unix_time")
-    point = click_to_image(value, image.size)
+    point = click_to_image(value, working.image.size)
     if point is None:
         return
     clicks = [] if len(st.session_state.clicks) >= 2 else list(st.session_state.clicks)
@@ -434,8 +464,9 @@ def handle_click(value: object, image: Image.Image) -> None:
     st.session_state.clicks = clicks
     st.session_state.region = None
     if len(clicks) == 2:
-        box = box_from_corners(clicks[0], clicks[1], image.size)
-        st.session_state.region = (f"rectangle ({box.x0}, {box.y0}) → ({box.x1}, {box.y1})", (box,))
+        box = box_from_corners(clicks[0], clicks[1], working.image.size)
+        x0, y0, x1, y1 = working.original_box((box.x0, box.y0, box.x1, box.y1))
+        st.session_state.region = (f"rectangle ({x0}, {y0}) → ({x1}, {y1})", (box,))
     st.rerun()
 
 
@@ -464,7 +495,7 @@ def heatmap_ui(page: Page, word: int, page_view: ViewSettings) -> None:
         st.caption("Click two corners to select a region.")
         shown = region_image(page, view.show_grid)
         value = streamlit_image_coordinates(shown, width=DISPLAY_WIDTH, key="region_clicks")
-        handle_click(value, page.image)
+        handle_click(value, page.working)
     with right:
         word_text = escape_markdown(maps.word)
         st.caption(f"“{word_text}” · {maps.layer_names[view.layer]} · score {maps.score:.2f}")
@@ -503,10 +534,10 @@ def mask_ui(page: Page) -> MaskedCaption | None:
         st.session_state.masked_request = request
     if st.session_state.masked_request != request:
         return None
-    masked = cached_masked_caption(page.key, boxes, fill, page.decoding, page.captioner, page.image, page.caption)
+    masked = cached_masked_caption(page, boxes, fill)
     caption = page.caption
     before, after = st.columns(2)
-    before.image(masked.masked_image, caption="Masked image", width=DISPLAY_WIDTH)
+    before.image(fit_for_display(masked.masked_image, DISPLAY_MAX_SIDE), caption="Masked image", width=DISPLAY_WIDTH)
     with after:
         st.markdown(f"**Before:** {escape_markdown(caption.text)}")
         st.markdown(f"**After:** {escape_markdown(masked.caption.text)}")
@@ -754,7 +785,12 @@ def report_content(page: Page, model_label: str, shown: Shown) -> ReportContent:
     if shown.clip is not None:
         heatmaps += (("CLIP", shown.clip.overlay),)
     metrics = {"word": maps.word, "method": method, "score": maps.score, **shown.measured}
+    # The page works on a copy of at most WORKING_MAX_SIDE pixels; boxes are given in the original's.
+    metrics["original_size"] = list(page.working.original_size)
     if masked is not None:
+        _, boxes = st.session_state.region
+        corners = [(box.x0, box.y0, box.x1, box.y1) for box in boxes]
+        metrics["region_original_pixels"] = [list(page.working.original_box(corner)) for corner in corners]
         metrics["removed_words"] = masked.removed
         changes = masked.log_prob_change.tolist()
         metrics["log_prob_change"] = dict(zip(numbered_words(page.caption), changes, strict=True))
@@ -785,19 +821,19 @@ def main() -> None:
     captioner, clip, model_key, clip_model_key = load_models_ui(choice, device)
     decoding = decoding_ui(captioner)
     image_input_ui()
-    if st.session_state.image_bytes is None:
+    if st.session_state.working is None:
         st.info("Upload an image or pick an example scene to begin.")
         return
-    image = load_image(st.session_state.image_bytes)
-    image_key = WorkKey(model_key, sha256(st.session_state.image_bytes))
+    working = st.session_state.working
+    image_key = WorkKey(model_key, working.sha256)
     try:
-        caption = cached_caption(image_key, decoding, captioner, image)
+        caption = cached_caption(image_key, decoding, captioner, working.image)
     except PromptTooLongError as error:
         st.error(escape_markdown(str(error)))
         return
     page = Page(
         captioner, clip, replace(image_key, caption="-".join(map(str, caption.token_ids))), clip_model_key,
-        image, fit_for_display(image, DISPLAY_MAX_SIDE), caption, decoding,
+        working, st.session_state.display_image, caption, decoding,
     )
     word = caption_ui(page)
     view = view_settings(captioner)
