@@ -8,42 +8,25 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.app_helpers import APP_PATH, DISPLAY_WIDTH
+from tests.app_helpers import DISPLAY_WIDTH
+from utils.app_server import CHROMIUM_FLAGS, ROOT, chromium_executable, running_app, wait_idle
 from utils.shapes_world import generate_scene
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(APP_PATH).parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
 EXAMPLE_SEED = 99999
 SCENE = generate_scene(EXAMPLE_SEED)
 EXAMPLE_PATH = ROOT / "media" / "examples" / f"scene_{EXAMPLE_SEED}_{SCENE.caption.replace(' ', '-')}.png"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 
 
 def chromium_path() -> str:
     """Debian's Chromium; in CI its absence is a failure, elsewhere a skip."""
-    path = shutil.which("chromium")
+    path = chromium_executable()
     if path is None:
         message = "Debian's chromium is not installed (make test installs it)"
         if os.environ.get("CI") == "true":
@@ -52,37 +35,11 @@ def chromium_path() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url() -> Iterator[str]:
     """`streamlit run app.py` on a free port, offline, until the module's tests end."""
-    port = free_port()
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", APP_PATH, "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("streamlit did not start within 60 s")
+    with running_app() as (url, _):
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +51,6 @@ def browser():
         launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
         yield launched
         launched.close()
-
-
-def wait_idle(page, timeout_ms: int = 180_000) -> None:
-    """Wait until the script has finished running (as Streamlit's own e2e tests do)."""
-    page.wait_for_timeout(300)  # a rerun triggered by the last action may not have started yet
-    page.locator(IDLE).wait_for(timeout=timeout_ms)
 
 
 def click_image(page, x_image: float, y_image: float) -> None:
