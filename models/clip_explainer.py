@@ -78,6 +78,8 @@ class ClipExplainer(PretrainedExplainer):
 
     model_class = CLIPModel
     processor_class = AutoProcessor
+    model_types = ("clip",)
+    role = "CLIP checker"
     demo_component = "clip"
 
     def __init__(

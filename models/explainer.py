@@ -283,6 +283,7 @@ class CaptionerExplainer(PretrainedExplainer):
 
     # What a family declares, besides PretrainedExplainer's model and processor classes.
     model_types: ClassVar[tuple[str, ...]]  # the ``config.model_type`` values it explains
+    role: ClassVar[str] = "captioner"  # how loading messages call what it is for
     default_method: ClassVar[str]
     patch_size: int  # side of one patch in model pixels, read from the config by the family
     special_ids: frozenset[int]  # ids that are never words (BOS, EOS, padding, image tokens ...)

@@ -16,10 +16,11 @@ from models.explainer import CaptionerExplainer
 from models.loading import (
     ModelUnavailableError,
     ProgressCallback,
+    check_model_type,
     explainer_from_folder,
-    model_type_of,
     pick_device,
     resolve_model_dir,
+    source_name,
 )
 
 CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer,)
@@ -50,10 +51,18 @@ def load_captioner(
     source: str, device: str = "auto", on_progress: ProgressCallback | None = None
 ) -> CaptionerExplainer:
     """The explainer for the captioner that ``source`` names ("shapes-demo", a folder or a hub
-    id), of the family its config.json declares."""
+    id), of the family its config.json declares.
+
+    Raises:
+        ModelUnavailableError: the source cannot be resolved (see ``resolve_model_dir``), holds
+            a model of a type no family explains (a CLIP folder, say: the message names the
+            folder and its model type), or its weights do not load or do not fit.
+    """
     folder = resolve_model_dir(source, CAPTIONER_DEMO_COMPONENT, on_progress)
-    family = captioner_family(model_type_of(folder))
-    return explainer_from_folder(family, folder, pick_device(device))
+    name = source_name(source, CAPTIONER_DEMO_COMPONENT)
+    # From config.json alone, before any weights: a CLIP folder is named as one, not as a misfit.
+    model_type = check_model_type(folder, name, supported_model_types(), CaptionerExplainer.role)
+    return explainer_from_folder(captioner_family(model_type), folder, pick_device(device), name)
 
 
 def explainer_for_model(

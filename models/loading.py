@@ -104,7 +104,35 @@ def local_model_dirs(
 
 
 class ModelUnavailableError(RuntimeError):
-    """A model could not be loaded; the message says why in words a user understands."""
+    """A model could not be loaded; the message says why in words a user understands.
+
+    Messages name a server-side folder by its own name, never by the server's full path: the
+    page shows them to every user of a shared server.
+    """
+
+
+def folder_name(folder: str | Path) -> str:
+    """How a server-side folder is named in messages: its last part, e.g. "my-blip" for /models/my-blip."""
+    path = Path(folder).expanduser()
+    return path.name or path.absolute().name or str(path)
+
+
+def source_name(source: str, component: Component) -> str:
+    """How a model source is named in messages: a folder by its name, a hub id as written, and the
+    bundled demo as "shapes-demo/<component>"."""
+    if source == SHAPES_DEMO:
+        return f"{SHAPES_DEMO}/{component}"
+    if Path(source).expanduser().is_dir():
+        return folder_name(source)
+    return source
+
+
+def _without_path(text: str, folder: Path, name: str) -> str:
+    """``text`` (a library's error message) with every spelling of ``folder``'s full path replaced by ``name``."""
+    spellings = {str(folder), str(folder.expanduser().absolute()), str(folder.expanduser().resolve())}
+    for spelling in sorted(spellings, key=len, reverse=True):  # longest first: no half-replaced path
+        text = text.replace(spelling, name)
+    return text
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -163,23 +191,27 @@ def resolve_model_dir(
         ModelUnavailableError: the folder is missing or incomplete, its weights are refused, or the
             hub id is neither cached nor downloadable.
     """
+    name = source_name(source, component)
     if source == SHAPES_DEMO:
-        return _checked_folder(SHAPES_DEMO_DIR / component)
+        return _checked_folder(SHAPES_DEMO_DIR / component, name)
     if Path(source).expanduser().is_dir():
-        return _checked_folder(Path(source).expanduser())
+        return _checked_folder(Path(source).expanduser(), name)
     return _hub_snapshot(source, on_progress)
 
 
-def _checked_folder(folder: Path) -> Path:
-    """A folder with a config and safetensors weights: ``folder`` itself, or its PyTorch weights converted."""
+def _checked_folder(folder: Path, name: str) -> Path:
+    """A folder with a config and safetensors weights: ``folder`` itself, or its PyTorch weights converted.
+
+    ``name`` is how messages call the folder (see ``source_name``).
+    """
     if not (folder / "config.json").is_file():
-        raise ModelUnavailableError(f"The model folder {folder} has no config.json.")
+        raise ModelUnavailableError(f"The model folder {name} has no config.json.")
     if any(folder.glob("*.safetensors")):
         return folder
     if _has_bin_weights(folder):
-        return _converted_folder(folder)
+        return _converted_folder(folder, name)
     raise ModelUnavailableError(
-        f"The model folder {folder} has neither .safetensors nor PyTorch .bin weights "
+        f"The model folder {name} has neither .safetensors nor PyTorch .bin weights "
         "(TensorFlow, Flax and other formats are not read)."
     )
 
@@ -194,40 +226,45 @@ def _cache_root() -> Path:
     return Path(os.environ.get("VLM_EXPLAINER_CACHE") or Path.home() / ".cache" / "vlm-explainer").expanduser()
 
 
-def _converted_folder(folder: Path) -> Path:
+def _converted_folder(folder: Path, name: str) -> Path:
     """A cache folder with ``folder``'s PyTorch weights as one safetensors file, converted on first use only."""
-    shards = _bin_shards(folder)
+    shards = _bin_shards(folder, name)
     companions = _companion_files(folder)
     target = _cache_root() / "converted" / _fingerprint([*shards, *companions])
     if target.is_dir():  # Conversions are renamed into place whole: a folder there is complete.
         return target
     state_dict = {}
     for shard in shards:
-        state_dict.update(_read_state_dict(shard))
+        state_dict.update(_read_state_dict(shard, name))
     try:
         _write_converted(target, state_dict, companions)
     except OSError as error:
+        # The cache's path is the server's business: the reason alone (e.g. "Permission denied").
         raise ModelUnavailableError(
-            f"The weights of {folder} could not be converted into {target.parent} ({error}); "
-            "set VLM_EXPLAINER_CACHE to a writable folder."
+            f"The weights of {name} could not be converted in the server's model cache "
+            f"({error.strerror or type(error).__name__}); set VLM_EXPLAINER_CACHE to a writable folder."
         ) from error
     return target
 
 
-def _bin_shards(folder: Path) -> list[Path]:
+def _bin_shards(folder: Path, name: str) -> list[Path]:
     """The PyTorch weight files of ``folder``: the shards its index names, or the single pytorch_model.bin."""
     index = folder / BIN_INDEX
     if not index.is_file():
         return [folder / BIN_WEIGHTS]
     try:
-        names = sorted({str(name) for name in json.loads(index.read_text())["weight_map"].values()})
+        shard_names = sorted({str(shard) for shard in json.loads(index.read_text())["weight_map"].values()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ModelUnavailableError(f"The weight index {index} could not be read ({error}).") from error
+        raise ModelUnavailableError(
+            f"The weight index {name}/{BIN_INDEX} could not be read ({_without_path(str(error), folder, name)})."
+        ) from error
     # An index may only name files beside it: a path elsewhere is no part of this checkpoint.
-    missing = [name for name in names if Path(name).name != name or not (folder / name).is_file()]
-    if not names or missing:
-        raise ModelUnavailableError(f"The weight index {index} names shards that are not in {folder}: {missing}.")
-    return [folder / name for name in names]
+    missing = [shard for shard in shard_names if Path(shard).name != shard or not (folder / shard).is_file()]
+    if not shard_names or missing:
+        raise ModelUnavailableError(
+            f"The weight index {name}/{BIN_INDEX} names shards that are not in {name}: {missing}."
+        )
+    return [folder / shard for shard in shard_names]
 
 
 def _companion_files(folder: Path) -> list[Path]:
@@ -242,27 +279,30 @@ def _fingerprint(files: list[Path]) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, folder_label: str) -> dict[str, torch.Tensor]:
     """The named tensors in a PyTorch .bin file, read by torch's restricted ``weights_only`` unpickler.
 
     That unpickler builds tensors and plain containers only; a pickle that asks for anything else
     (such as a function to call, which is how a pickle runs code) is refused before it runs.
+    Messages call the file "<folder_label>/<file name>".
     """
+    shown = f"{folder_label}/{path.name}"
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's own message is a page of advice; the line that names the refused item is its context.
         detail = str(error.__context__ or error).strip().splitlines()[0]
         raise ModelUnavailableError(
-            f"The weights {path} are refused: they are not plain tensors, and loading them any other way "
-            f"could run code ({detail})."
+            f"The weights {shown} are refused: they are not plain tensors, and loading them any other way "
+            f"could run code ({_without_path(detail, path.parent, folder_label)})."
         ) from error
     except Exception as error:  # A truncated or foreign file: torch raises RuntimeError, EOFError, OSError ...
-        raise ModelUnavailableError(f"The weights {path} are not a readable PyTorch checkpoint ({error}).") from error
+        reason = _without_path(str(error), path.parent, folder_label)
+        raise ModelUnavailableError(f"The weights {shown} are not a readable PyTorch checkpoint ({reason}).") from error
     if not isinstance(state_dict, dict) or not all(
         isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state_dict.items()
     ):
-        raise ModelUnavailableError(f"The weights {path} are refused: they are not a state dict of named tensors.")
+        raise ModelUnavailableError(f"The weights {shown} are refused: they are not a state dict of named tensors.")
     return state_dict
 
 
@@ -305,11 +345,12 @@ def _hub_snapshot(repo_id: str, on_progress: ProgressCallback | None) -> Path:
     """The cached snapshot of ``repo_id``, downloading it first when the hub is reachable."""
     try:
         huggingface_hub.utils.validate_repo_id(repo_id)
-    except ValueError as error:  # Not a valid repo id, and not a folder either.
-        raise ModelUnavailableError(f"{repo_id!r} is neither a local folder nor a hub model id.") from error
+    except ValueError as error:  # Not a valid repo id, and not a folder either: most likely a mistyped path.
+        shown = folder_name(repo_id)
+        raise ModelUnavailableError(f"{shown!r} is neither a local folder nor a hub model id.") from error
     cached = _cached_hub_folder(repo_id)
     if cached is not None:
-        return _checked_folder(cached)
+        return _checked_folder(cached, repo_id)
     if hub_is_offline():
         raise ModelUnavailableError(
             f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set."
@@ -322,8 +363,9 @@ def _hub_snapshot(repo_id: str, on_progress: ProgressCallback | None) -> Path:
     try:
         folder = _downloaded_hub_folder(repo_id, on_progress)
     except Exception as error:  # The hub raises many types; the user needs one message.
-        raise ModelUnavailableError(f"Downloading {repo_id} failed: {error}") from error
-    return _checked_folder(folder)
+        reason = _without_path(str(error), Path(huggingface_hub.constants.HF_HUB_CACHE), "the hub cache")
+        raise ModelUnavailableError(f"Downloading {repo_id} failed: {reason}") from error
+    return _checked_folder(folder, repo_id)
 
 
 def _cached_hub_folder(repo_id: str) -> Path | None:
@@ -457,17 +499,19 @@ def _progress_tqdm(on_progress: ProgressCallback):
     return ProgressTqdm
 
 
-def load_checkpoint(model_class, processor_class, folder: Path, device: torch.device):
+def load_checkpoint(model_class, processor_class, folder: Path, device: torch.device, name: str | None = None):
     """Load a model and its processor from a local folder, frozen and in eval mode.
 
     Parameters never require grad: explanations take gradients with respect to activations
-    only, and a shared model must not accumulate ``.grad`` from any session.
+    only, and a shared model must not accumulate ``.grad`` from any session. ``name`` is how
+    messages call the model (``source_name``; the folder's own name when None).
 
     Raises:
         ModelUnavailableError: the folder cannot be read, or its weights do not fit
             ``model_class`` (transformers would only warn, initialise the missing weights at
             random and explain a random model without a word).
     """
+    name = name or folder_name(folder)
     try:
         model, loading_info = model_class.from_pretrained(
             folder, use_safetensors=True, trust_remote_code=False, output_loading_info=True
@@ -475,7 +519,8 @@ def load_checkpoint(model_class, processor_class, folder: Path, device: torch.de
         # The PIL backend gives the same pixels on every machine (torchvision may be absent).
         processor = processor_class.from_pretrained(folder, backend="pil")
     except Exception as error:  # safetensors, tokenizers and transformers each raise their own types
-        raise ModelUnavailableError(f"The model in {folder} could not be loaded: {error}") from error
+        reason = _without_path(str(error), folder, name)
+        raise ModelUnavailableError(f"The model in {name} could not be loaded: {reason}") from error
     misfits = {
         kind: sorted(loading_info.get(key) or [])
         for kind, key in [("missing", "missing_keys"), ("unexpected", "unexpected_keys")]
@@ -485,7 +530,7 @@ def load_checkpoint(model_class, processor_class, folder: Path, device: torch.de
             f"{len(names)} {kind} (e.g. {', '.join(names[:3])})" for kind, names in misfits.items() if names
         )
         raise ModelUnavailableError(
-            f"The weights in {folder} do not fit {model_class.__name__}: {described}. "
+            f"The weights in {name} do not fit {model_class.__name__}: {described}. "
             "It is probably a different kind of model; nothing was explained with random weights."
         )
     model.requires_grad_(False)
@@ -494,30 +539,73 @@ def load_checkpoint(model_class, processor_class, folder: Path, device: torch.de
 
 class PretrainedExplainer:
     """What every explainer class (captioner families and CLIP alike) loads with: one
-    ``from_pretrained``. A subclass declares its model and processor classes and which bundled
-    demo folder "shapes-demo" means for it, and is built from (model, processor, device)."""
+    ``from_pretrained``. A subclass declares its model and processor classes, the
+    ``config.model_type`` values it explains, its role in the app (for messages) and which
+    bundled demo folder "shapes-demo" means for it, and is built from (model, processor, device)."""
 
     model_class: ClassVar[type]
     processor_class: ClassVar[type]
+    model_types: ClassVar[tuple[str, ...]]
+    role: ClassVar[str]  # "captioner", "CLIP checker"
     demo_component: ClassVar[Component]
 
     @classmethod
     def from_pretrained(cls, source: str, device: str = "auto", on_progress: ProgressCallback | None = None) -> Self:
         """Load from a hub id, a local folder or "shapes-demo" (see ``resolve_model_dir``), frozen,
-        on ``device`` ("auto": cuda, then mps, then cpu)."""
+        on ``device`` ("auto": cuda, then mps, then cpu).
+
+        Raises:
+            ModelUnavailableError: as ``resolve_model_dir``; or the folder holds another kind of
+                model (checked on its config.json before any weights are read); or its weights
+                do not load or do not fit.
+        """
         folder = resolve_model_dir(source, cls.demo_component, on_progress)
-        return explainer_from_folder(cls, folder, pick_device(device))
+        name = source_name(source, cls.demo_component)
+        check_model_type(folder, name, cls.model_types, cls.role)
+        return explainer_from_folder(cls, folder, pick_device(device), name)
 
 
-def explainer_from_folder(explainer_class, folder: Path, device: torch.device):
-    """An explainer of ``explainer_class`` on the checkpoint in a resolved local folder."""
-    model, processor = load_checkpoint(explainer_class.model_class, explainer_class.processor_class, folder, device)
+def explainer_from_folder(explainer_class, folder: Path, device: torch.device, name: str | None = None):
+    """An explainer of ``explainer_class`` on the checkpoint in a resolved local folder
+    (``name``: how messages call it, see ``load_checkpoint``)."""
+    model, processor = load_checkpoint(
+        explainer_class.model_class, explainer_class.processor_class, folder, device, name
+    )
     return explainer_class(model, processor, device)
 
 
-def model_type_of(folder: Path) -> str:
+def model_type_of(folder: Path, name: str | None = None) -> str:
     """The ``model_type`` that a checkpoint folder's config.json declares ("" if none)."""
     try:
         return str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
     except (OSError, ValueError, AttributeError) as error:
-        raise ModelUnavailableError(f"The config.json in {folder} cannot be read: {error}") from error
+        name = name or folder_name(folder)
+        reason = _without_path(str(error), folder, name)
+        raise ModelUnavailableError(f"The config.json in {name} cannot be read: {reason}") from error
+
+
+def check_model_type(folder: Path, name: str, accepted: Sequence[str], role: str) -> str:
+    """The ``model_type`` of the checkpoint in ``folder`` when it is one of ``accepted``.
+
+    Read from config.json alone, before any weights: a CLIP folder named as the captioner (or
+    the other way round) gets a message that says what the folder holds, instead of
+    transformers' report of mismatched weights.
+
+    Args:
+        folder: a resolved checkpoint folder.
+        name: how messages call it (``source_name``).
+        accepted: the model types that may fill ``role``.
+        role: what the model is for in the app, e.g. "captioner" or "CLIP checker".
+
+    Raises:
+        ModelUnavailableError: e.g. "my-clip holds a 'clip' model, which is not a captioner the
+            app supports; supported captioner types: blip."
+    """
+    model_type = model_type_of(folder, name)
+    if model_type in accepted:
+        return model_type
+    held = f"a {model_type!r} model" if model_type else "a model whose config.json names no model_type"
+    raise ModelUnavailableError(
+        f"{name} holds {held}, which is not a {role} the app supports; "
+        f"supported {role} types: {', '.join(accepted)}."
+    )

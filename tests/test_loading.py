@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from models import loading
 from models.blip_explainer import BlipExplainer
+from models.clip_explainer import ClipExplainer
 from models.families import explainer_for_model, load_captioner
 from models.loading import (
     HUB_BIN_PATTERNS,
@@ -26,6 +27,7 @@ from models.loading import (
     ModelUnavailableError,
     local_model_dirs,
     resolve_model_dir,
+    source_name,
 )
 from tests.tiny_models import BOS_ID, IMAGE_SIZE, SEP_ID, VOCABULARY
 
@@ -160,7 +162,8 @@ def test_bin_whose_pickle_would_run_code_is_refused_and_the_code_never_runs(tmp_
 
     with pytest.raises(ModelUnavailableError, match=r"refused.*could run code") as refusal:
         resolve_model_dir(str(tmp_path), "blip")
-    assert str(bin_path) in str(refusal.value)
+    assert f"{tmp_path.name}/pytorch_model.bin" in str(refusal.value)
+    assert str(tmp_path.parent) not in str(refusal.value)  # the folder's name, not the server's path
     assert not marker.exists()
     assert not (conversion_cache / "converted").exists()
 
@@ -193,7 +196,8 @@ def test_unusable_weights_give_one_clear_error(tmp_path, files, message):
             (tmp_path / name).write_bytes(content)
     with pytest.raises(ModelUnavailableError, match=message) as refusal:
         resolve_model_dir(str(tmp_path), "blip")
-    assert str(tmp_path) in str(refusal.value)
+    assert tmp_path.name in str(refusal.value)
+    assert str(tmp_path.parent) not in str(refusal.value)  # the folder's name, not the server's path
 
 
 def test_conversion_into_an_unwritable_cache_says_where(tmp_path, tiny_blip, tiny_blip_dir, monkeypatch):
@@ -201,16 +205,19 @@ def test_conversion_into_an_unwritable_cache_says_where(tmp_path, tiny_blip, tin
     not_a_folder = tmp_path / "cache-is-a-file"
     not_a_folder.write_text("")
     monkeypatch.setenv("VLM_EXPLAINER_CACHE", str(not_a_folder))
-    with pytest.raises(ModelUnavailableError, match="could not be converted.*VLM_EXPLAINER_CACHE"):
+    with pytest.raises(ModelUnavailableError, match="could not be converted.*VLM_EXPLAINER_CACHE") as refusal:
         resolve_model_dir(str(folder), "blip")
+    assert "bin_model" in str(refusal.value) and str(tmp_path) not in str(refusal.value)
 
 
 def test_broken_folder_gives_one_clear_error(tmp_path, tiny_blip_dir):
     for item in tiny_blip_dir.iterdir():
         (tmp_path / item.name).write_bytes(item.read_bytes())
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ModelUnavailableError, match="could not be loaded"):
+    with pytest.raises(ModelUnavailableError, match="could not be loaded") as refusal:
         BlipExplainer.from_pretrained(str(tmp_path), device="cpu")
+    assert f"The model in {tmp_path.name} " in str(refusal.value)
+    assert str(tmp_path.parent) not in str(refusal.value)
 
 
 def test_uncached_model_with_hub_switched_off_fails_at_once(monkeypatch):
@@ -245,9 +252,71 @@ def test_a_captioner_folder_is_explained_by_the_family_its_config_names(tiny_bli
     assert captioner.default_method in captioner.methods
 
 
-def test_an_unsupported_model_type_is_named_with_the_supported_ones(tiny_clip_dir):
-    with pytest.raises(ModelUnavailableError, match=r"'clip' are not supported as captioners; supported types: blip"):
-        load_captioner(str(tiny_clip_dir), device="cpu")
+def named_copy(source, folder):
+    """A copy of the checkpoint folder ``source`` at ``folder`` (its name is what messages must show)."""
+    shutil.copytree(source, folder)
+    return folder
+
+
+def weights_never_read(*args, **kwargs):
+    pytest.fail("the weights were read: the model type should have been refused from config.json first")
+
+
+def test_a_clip_folder_named_as_the_captioner_is_said_to_hold_a_clip_model(tmp_path, tiny_clip_dir, monkeypatch):
+    folder = named_copy(tiny_clip_dir, tmp_path / "servers" / "my-clip")
+    monkeypatch.setattr(loading, "load_checkpoint", weights_never_read)
+    with pytest.raises(ModelUnavailableError) as refusal:
+        load_captioner(str(folder), device="cpu")
+    message = str(refusal.value)
+    assert message.startswith("my-clip holds a 'clip' model, which is not a captioner")
+    assert message.endswith("supported captioner types: blip.")
+    assert str(folder.parent) not in message
+
+
+def test_a_blip_folder_named_as_the_clip_checker_is_said_to_hold_a_blip_model(tmp_path, tiny_blip_dir, monkeypatch):
+    folder = named_copy(tiny_blip_dir, tmp_path / "servers" / "my-blip")
+    monkeypatch.setattr(loading, "load_checkpoint", weights_never_read)
+    with pytest.raises(ModelUnavailableError) as refusal:
+        ClipExplainer.from_pretrained(str(folder), device="cpu")
+    message = str(refusal.value)
+    assert message.startswith("my-blip holds a 'blip' model, which is not a CLIP checker")
+    assert message.endswith("supported CLIP checker types: clip.")
+    assert str(folder.parent) not in message
+
+
+def test_a_family_class_refuses_a_folder_of_another_model_type(tmp_path, tiny_clip_dir):
+    folder = named_copy(tiny_clip_dir, tmp_path / "my-clip")
+    with pytest.raises(ModelUnavailableError, match=r"^my-clip holds a 'clip' model.*supported captioner types: blip"):
+        BlipExplainer.from_pretrained(str(folder), device="cpu")
+
+
+def test_a_config_without_model_type_is_named_as_such(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    expected = f"^{tmp_path.name} holds a model whose config.json names no model_type"
+    with pytest.raises(ModelUnavailableError, match=expected):
+        load_captioner(str(tmp_path), device="cpu")
+
+
+def test_an_unreadable_config_names_the_folder_only(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelUnavailableError, match=f"config.json in {tmp_path.name} cannot be read") as refusal:
+        load_captioner(str(tmp_path), device="cpu")
+    assert str(tmp_path.parent) not in str(refusal.value)
+
+
+def test_a_mistyped_folder_is_named_without_the_servers_path(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="'no-such-model' is neither a local folder") as refusal:
+        resolve_model_dir(str(tmp_path / "no-such-model"), "blip")
+    assert str(tmp_path) not in str(refusal.value)
+
+
+def test_the_name_shown_for_a_source(tmp_path):
+    assert source_name("shapes-demo", "clip") == "shapes-demo/clip"
+    assert source_name(str(tmp_path), "blip") == tmp_path.name
+    assert source_name(f"{tmp_path}/", "blip") == tmp_path.name
+    assert source_name("Salesforce/blip-image-captioning-base", "blip") == "Salesforce/blip-image-captioning-base"
 
 
 def test_a_built_model_gets_the_explainer_of_its_family(tiny_blip, tiny_clip):
@@ -268,8 +337,9 @@ def test_weights_that_do_not_fit_the_class_are_refused_not_reinitialised(tmp_pat
     weights["qformer.extra.weight"] = torch.zeros(2)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     expected = rf"do not fit BlipForConditionalGeneration: 1 missing \(e\.g\. {re.escape(dropped)}\); 1 unexpected"
-    with pytest.raises(ModelUnavailableError, match=expected):
+    with pytest.raises(ModelUnavailableError, match=expected) as refusal:
         load_captioner(str(tmp_path), device="cpu")
+    assert str(tmp_path.parent) not in str(refusal.value)
 
 
 def test_captioner_folder_from_the_environment_under_its_new_and_its_old_name():

@@ -10,7 +10,7 @@ import pytest
 
 from utils.metrics import Curve, CurveSet
 from utils.plots import curves_figure
-from utils.text import MARKUP_CHARACTERS, escape_markdown
+from utils.text import FUNCTION_WORDS, MARKUP_CHARACTERS, escape_markdown, first_content_word
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,34 @@ def test_a_word_in_a_figure_title_is_not_read_as_mathtext():
     figure = curves_figure(CurveSet(curve, curve, curve, curve), "$x$")
     titles = [axes.title for axes in figure.axes]
     assert all("“$x$”" in title.get_text() and not title.get_parse_math() for title in titles)
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["a", "red", "circle"], 1),
+        (["there", "is", "a", "dog"], 3),
+        (["A", "Dog", "on", "grass"], 1),  # capitals are the same words
+        (["two", "cats"], 0),  # a number is content
+        (["an", "empty", "picture"], 1),
+        (["this", "is", "an", "image", "of", "a", "cat"], 3),
+        ([",", "the", "--", "blue", "square"], 3),  # punctuation-only words are skipped
+        (["“the", "dog.”"], 1),  # punctuation attached to a word is not part of it
+        (["a", "the"], 0),
+        (["of", ".", "..."], 0),
+        ([], 0),
+    ],
+)
+def test_first_content_word_skips_function_words_and_punctuation(words, expected):
+    assert first_content_word(words) == expected
+
+
+def test_first_content_word_accepts_any_sequence_and_leaves_it_alone():
+    words = ("there", "are", "two", "dogs")
+    assert first_content_word(words) == 2
+    assert words == ("there", "are", "two", "dogs")
+
+
+def test_function_words_are_lower_case_single_words():
+    assert all(word == word.casefold() and word.isalpha() for word in FUNCTION_WORDS)
+    assert not {"red", "two", "dog", "circle", "picture"} & FUNCTION_WORDS

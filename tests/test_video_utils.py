@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import imageio.v2 as imageio
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from utils import video_utils
-from utils.video_utils import VideoEncodingError, encode_mp4, layer_frames
+from utils.video_utils import LABEL_BACKGROUND, VideoEncodingError, encode_mp4, layer_frames
 
 ODD_HEIGHT, ODD_WIDTH = 75, 101
 
@@ -119,9 +119,11 @@ def make_frames(heat_maps: np.ndarray, **options: object) -> list[np.ndarray]:
     return layer_frames(gradient_image(), heat_maps, labels, "dog", **settings)
 
 
-def label_height(frame: np.ndarray, image_height: int) -> int:
-    """Height of the label bar above the image part of a frame."""
-    return frame.shape[0] - image_height
+def label_height(frame: np.ndarray) -> int:
+    """Height of the label bar above the image part of a frame: the top rows whose left edge has
+    the bar's colour (text keeps a margin; the gradient image's left edge is never that colour)."""
+    left_edge = frame[:, 0].astype(int)  # (h, 3)
+    return int(np.argmax((left_edge != LABEL_BACKGROUND).any(axis=1)))
 
 
 def test_frame_count_holds_and_linear_fades() -> None:
@@ -147,7 +149,7 @@ def test_frames_are_read_only_and_inputs_untouched() -> None:
 
 def test_labels_differ_between_layers_in_the_label_strip_only() -> None:
     frames = make_frames(heat_stack([1.0, 1.0]), hold_frames=1, fade_frames=0)
-    bar = label_height(frames[0], 80)
+    bar = label_height(frames[0])
     assert bar > 0
     assert not np.array_equal(frames[0][:bar], frames[1][:bar])
     np.testing.assert_array_equal(frames[0][bar:], frames[1][bar:])
@@ -159,8 +161,8 @@ def test_long_labels_wrap_inside_a_narrow_frame_and_every_frame_keeps_one_size()
     frames = layer_frames(gradient_image(), heat_stack([1.0, 1.0]), labels, "triangle", alpha=0.5,
                           colormap="jet", hold_frames=1, fade_frames=1)
     assert len({frame.shape for frame in frames}) == 1
-    bar = label_height(frames[0], 80)
-    one_line_bar = label_height(make_frames(heat_stack([1.0]), hold_frames=1, fade_frames=0)[0], 80)
+    bar = label_height(frames[0])
+    one_line_bar = label_height(make_frames(heat_stack([1.0]), hold_frames=1, fade_frames=0)[0])
     assert bar >= 3 * one_line_bar // 2  # wrapped onto more lines than one
     for key_frame in (frames[0], frames[-1]):
         text_columns = np.flatnonzero((key_frame[:bar] > 128).any(axis=(0, 2)))
@@ -171,7 +173,7 @@ def test_shared_scale_compares_layers_and_per_map_scale_stretches_each() -> None
     heat_maps = heat_stack([0.5, 1.0])
     shared = make_frames(heat_maps, hold_frames=1, fade_frames=0, shared_scale=True)
     alone = make_frames(heat_maps, hold_frames=1, fade_frames=0, shared_scale=False)
-    bar = label_height(shared[0], 80)
+    bar = label_height(shared[0])
     assert not np.array_equal(shared[0][bar:], shared[1][bar:])  # weak layer looks weaker
     np.testing.assert_array_equal(alone[0][bar:], alone[1][bar:])  # both stretched to full
     np.testing.assert_array_equal(shared[1][bar:], alone[1][bar:])  # the max layer agrees
@@ -180,7 +182,61 @@ def test_shared_scale_compares_layers_and_per_map_scale_stretches_each() -> None
 def test_frames_are_downscaled_to_max_side() -> None:
     frames = make_frames(heat_stack([1.0]), hold_frames=1, fade_frames=0, max_side=60)
     assert frames[0].shape[1] == 60
-    assert frames[0].shape[0] - label_height(frames[0], 40) == 40
+    assert frames[0].shape[0] - label_height(frames[0]) == 40
+
+
+def test_a_small_image_is_upsampled_smoothly_to_a_long_side_of_512_with_even_sizes() -> None:
+    """A 128-pixel example played at a column's width must not be a blown-up 128-pixel video."""
+    halves = np.zeros((96, 128, 3), dtype=np.uint8)
+    halves[:, 64:] = 255  # one hard edge: a smooth filter gives in-between greys along it
+    image = Image.fromarray(halves)
+    frames = layer_frames(image, np.ones((1, 96, 128)), ["layer 1/1"], "dog", alpha=0.0, colormap="jet",
+                          hold_frames=1, fade_frames=0)
+    bar = label_height(frames[0])
+    assert frames[0].shape[1] == 512 and frames[0].shape[0] - bar == 384
+    assert frames[0].shape[0] % 2 == 0 and bar % 2 == 0
+    # alpha 0 shows the image alone: exactly Pillow's Lanczos upsampling, never nearest-neighbour.
+    np.testing.assert_array_equal(frames[0][bar:], np.asarray(image.resize((512, 384), Image.Resampling.LANCZOS)))
+    assert len(np.unique(frames[0][bar:])) > 10
+
+
+@pytest.mark.parametrize(("width", "height"), [(75, 101), (101, 75), (128, 128), (3000, 1001), (700, 2)])
+def test_frames_have_a_long_side_of_512_and_even_sizes_at_any_aspect(width: int, height: int) -> None:
+    frames = layer_frames(gradient_image(width, height), heat_stack([0.5, 1.0], width, height), ["one", "two"],
+                          "dog", alpha=0.5, colormap="jet", hold_frames=1, fade_frames=1)
+    frame_height, frame_width = frames[0].shape[:2]
+    image_height = frame_height - label_height(frames[0])
+    assert max(frame_width, image_height) == 512
+    assert frame_width % 2 == 0 and frame_height % 2 == 0
+    assert abs(frame_width / image_height - width / height) <= 2 * (width / height) / min(frame_width, image_height)
+    assert len(decode(encode_mp4(frames, fps=4))) == 3
+
+
+def test_labels_are_drawn_in_dejavu_sans_scaled_to_the_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    fonts = []
+
+    def recording_font(size: int) -> ImageFont.FreeTypeFont:
+        fonts.append(real_font(size))
+        return fonts[-1]
+
+    real_font = video_utils.label_font
+    monkeypatch.setattr(video_utils, "label_font", recording_font)
+    frames = layer_frames(gradient_image(128, 128), heat_stack([1.0], 128, 128), ["layer 1/1"], "dog", alpha=0.5,
+                          colormap="jet", hold_frames=1, fade_frames=0)
+    assert [font.getname() for font in fonts] == [("DejaVu Sans", "Book")]
+    assert isinstance(fonts[0], ImageFont.FreeTypeFont) and fonts[0].size >= 16  # scaled for 512 px, not 128
+    label_band = frames[0][: label_height(frames[0])].astype(int)
+    assert (label_band == label_band[..., :1]).all()  # white text on a dark grey bar: greys only
+    # An antialiased outline font leaves many grey levels along glyph edges; a bitmap font two.
+    assert len(np.unique(label_band)) > 8
+    text_rows = np.flatnonzero((label_band > 128).any(axis=(1, 2)))
+    assert text_rows.max() - text_rows.min() >= 12  # glyphs as tall as the font, not 128-pixel-sized
+
+
+def test_even_frames_are_encoded_without_a_padded_copy() -> None:
+    frame = np.zeros((4, 6, 3), dtype=np.uint8)
+    assert video_utils._pad_to_even(frame) is frame
+    assert video_utils._pad_to_even(np.zeros((5, 6, 3), dtype=np.uint8)).shape == (6, 6, 3)
 
 
 @pytest.mark.parametrize(

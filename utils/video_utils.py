@@ -5,15 +5,20 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import imageio.v2 as imageio
+import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.image_utils import finite_range, fit_for_display, overlay_heatmap
+from utils.image_utils import finite_range, overlay_heatmap
 
 LABEL_BACKGROUND = (20, 20, 20)
 LABEL_TEXT_COLOUR = (255, 255, 255)
+LABEL_FONT_FILE = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+LABEL_MIN_FONT_SIZE = 12
+LABEL_FONT_DIVISOR = 30  # font size = frame's longer side / this: 17 px on a 512-pixel frame
 
 
 class VideoEncodingError(RuntimeError):
@@ -31,12 +36,14 @@ def layer_frames(
     shared_scale: bool = True,
     hold_frames: int,
     fade_frames: int,
+    min_side: int = 512,
     max_side: int = 512,
 ) -> list[np.ndarray]:
     """Build the frames of a video that walks through one heatmap per layer.
 
     Each layer's overlay is shown for hold_frames, then cross-faded linearly into the next
-    over fade_frames; every frame carries a label bar on top ("<layer label> · word: <word>").
+    over fade_frames; every frame carries a label bar on top ("<layer label> · word: <word>"),
+    drawn after scaling in DejaVu Sans (a scalable, antialiased font) so that it stays sharp.
 
     Args:
         image: RGB image of size (W, H).
@@ -49,30 +56,62 @@ def layer_frames(
             False stretches each map alone.
         hold_frames: frames each layer stays still, >= 1.
         fade_frames: in-between frames from one layer to the next, >= 0.
-        max_side: frames are downscaled so the image's longer side is at most this.
+        min_side: a smaller image is upsampled (smoothly) until its longer side is this: a
+            128-pixel image played at a column's width would otherwise be blown up and blurred.
+        max_side: a larger image is downscaled until its longer side is at most this; wins
+            over min_side when smaller.
 
     Returns:
-        L * hold_frames + (L - 1) * fade_frames read-only (h + bar, w, 3) uint8 arrays;
-        held frames share one array.
+        L * hold_frames + (L - 1) * fade_frames read-only (h + bar, w, 3) uint8 arrays of even
+        height and width (as H.264's yuv420p needs); held frames share one array.
     """
     heat_maps = np.asarray(heat_maps)
     _check_layer_arguments(image, heat_maps, layer_labels, hold_frames, fade_frames)
-    small_image = fit_for_display(image, max_side)
-    # Downscale the maps first: the colour scale then spans the values actually drawn, and
-    # no full-resolution copy of L maps is ever made.
-    small_maps = np.stack([_resize_heat(heat_map, small_image.size) for heat_map in heat_maps])
-    value_range = finite_range(small_maps) if shared_scale else None
-    font = ImageFont.load_default(size=max(10, small_image.width // 28))
-    text_width = small_image.width - font.size  # half a character of margin on each side
+    frame_image = _scale_for_video(image, min_side, max_side)
+    # Resize the maps, not the overlays: the colour scale then spans the values actually drawn,
+    # and no full-resolution copy of L maps is ever made.
+    frame_maps = np.stack([_resize_heat(heat_map, frame_image.size) for heat_map in heat_maps])
+    value_range = finite_range(frame_maps) if shared_scale else None
+    font = label_font(max(LABEL_MIN_FONT_SIZE, round(max(frame_image.size) / LABEL_FONT_DIVISOR)))
+    text_width = frame_image.width - font.size  # half a character of margin on each side
     label_lines = [_wrap_label(f"{label} · word: {word}", font, text_width) for label in layer_labels]
     # Every frame gets a bar of the same height: the encoder needs one frame size.
     line_count = max(len(lines) for lines in label_lines)
     key_frames = [
-        _add_label_bar(overlay_heatmap(small_image, small_map, alpha=alpha, colormap=colormap,
+        _add_label_bar(overlay_heatmap(frame_image, frame_map, alpha=alpha, colormap=colormap,
                                        value_range=value_range), lines, line_count, font)
-        for small_map, lines in zip(small_maps, label_lines, strict=True)
+        for frame_map, lines in zip(frame_maps, label_lines, strict=True)
     ]
     return _hold_and_fade(key_frames, hold_frames, fade_frames)
+
+
+def label_font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans (shipped with matplotlib) at ``size`` pixels: scalable and antialiased.
+
+    A new font object per call: a FreeType face must not be shared by threads that draw at once.
+    """
+    return ImageFont.truetype(str(LABEL_FONT_FILE), size)
+
+
+def _scale_for_video(image: Image.Image, min_side: int, max_side: int) -> Image.Image:
+    """``image`` resized (aspect kept) so that its longer side lies in [min(min_side, max_side), max_side],
+    with even width and height; Lanczos both ways (smooth when upsampling, no aliasing when shrinking)."""
+    if min_side < 2 or max_side < 2:
+        raise ValueError(f"min_side and max_side must be at least 2, got {min_side} and {max_side}.")
+    width, height = image.size
+    long_side = max(width, height)
+    target = min(max(long_side, min_side), max_side)
+    scale = target / long_side
+    # Round down to even sizes: never past max_side, and the short side moves by under 2 pixels.
+    size = (_even_at_most(width * scale), _even_at_most(height * scale))
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _even_at_most(length: float) -> int:
+    """The largest even whole number <= length (rounded to 6 decimals), and at least 2."""
+    return max(2, 2 * int(round(length, 6) // 2))
 
 
 def _check_layer_arguments(
@@ -98,7 +137,7 @@ def _check_layer_arguments(
 
 
 def _resize_heat(heat_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W) map to size = (w, h) as float32, bilinearly; NaN spreads ~1 px."""
+    """Resize an (H, W) map to size = (w, h) as float32, bilinearly; NaN spreads ~1 source pixel."""
     as_image = Image.fromarray(heat_map.astype(np.float32))  # mode F keeps float values
     if as_image.size != size:
         as_image = as_image.resize(size, Image.Resampling.BILINEAR)
@@ -119,9 +158,10 @@ def _wrap_label(label: str, font: ImageFont.FreeTypeFont, width: int) -> list[st
 def _add_label_bar(
     image: Image.Image, lines: Sequence[str], line_count: int, font: ImageFont.FreeTypeFont
 ) -> np.ndarray:
-    """Return (h + bar, w, 3) uint8: a dark bar of line_count text lines above the image."""
+    """Return (h + bar, w, 3) uint8: a dark bar of line_count text lines above the image; bar is even."""
     line_height = round(font.size * 1.2)
     bar_height = line_count * line_height + round(font.size * 0.4)
+    bar_height += bar_height % 2  # an even bar keeps an even image's frame even
     framed = Image.new("RGB", (image.width, image.height + bar_height), LABEL_BACKGROUND)
     framed.paste(image, (0, bar_height))
     draw = ImageDraw.Draw(framed)
@@ -198,8 +238,11 @@ def _check_frames(frames: Sequence[np.ndarray], fps: int) -> None:
 
 
 def _pad_to_even(frame: np.ndarray) -> np.ndarray:
-    """Repeat the last row and/or column so that height and width are even."""
+    """Repeat the last row and/or column so that height and width are even; an even frame is
+    returned as it is (held frames share one array, and a copy of each would double the memory)."""
     height, width = frame.shape[:2]
+    if height % 2 == 0 and width % 2 == 0:
+        return frame
     return np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
 
 
