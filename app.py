@@ -57,7 +57,7 @@ from utils.metrics import SanityCheck
 from utils.patch_utils import FILL_MODES, Box, box_from_corners, click_to_image, top_patches
 from utils.plots import curves_figure
 from utils.report import ReportContent, report_html, report_zip
-from utils.text import escape_markdown
+from utils.text import escape_markdown, first_content_word
 from utils.video_utils import encode_mp4, layer_frames
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "media" / "examples"
@@ -171,6 +171,7 @@ class Page:
     display_image: Image.Image  # the image scaled down for the page; overlays are drawn on it
     caption: Caption
     decoding: Decoding
+    demo: bool  # the bundled shapes demo, not a real captioner
 
     @property
     def image(self) -> Image.Image:
@@ -366,13 +367,19 @@ def caption_ui(page: Page) -> int:
     """The caption and one pill per word with its probability; returns the chosen word index."""
     caption = page.caption
     st.subheader(f"“{escape_markdown(caption.text)}”")
+    if page.demo and not st.session_state.image_name.startswith("scene_"):
+        st.info(
+            "The demo captioner has only ever seen synthetic scenes of coloured shapes, so it describes "
+            "any image in those words; its heatmaps are checked against those scenes' known objects. "
+            "For photographs, choose BLIP in the sidebar (it needs the hub or a local folder)."
+        )
     if not caption.words:
         st.warning("The caption has no words to explain.")
         st.stop()
     probabilities = cached_word_probabilities(page.key, page.captioner, page.image, caption)
-    if st.session_state.word_caption != page.key.caption:  # a new caption starts at its first word
+    if st.session_state.word_caption != page.key.caption:  # a new caption starts at its first content word
         st.session_state.word_caption = page.key.caption
-        st.session_state.word = 0
+        st.session_state.word = first_content_word([word.text for word in caption.words])
     chosen = st.pills(
         "Explain which word?",
         list(range(len(caption.words))),
@@ -833,7 +840,7 @@ def main() -> None:
         return
     page = Page(
         captioner, clip, replace(image_key, caption="-".join(map(str, caption.token_ids))), clip_model_key,
-        working, st.session_state.display_image, caption, decoding,
+        working, st.session_state.display_image, caption, decoding, choice == SHAPES_DEMO_CHOICE,
     )
     word = caption_ui(page)
     view = view_settings(captioner)

@@ -214,7 +214,8 @@ def test_the_first_heatmap_waits_for_the_chosen_word_alone(monkeypatch):
     st.cache_data.clear()  # maps cached by earlier tests would hide the order of the work
     app = pick_example(start_app(), EXAMPLE_NAME)
     assert not app.exception, app.exception
-    assert requested == [[0], None], "the chosen word alone first, then every word to fill in the rest"
+    first = SCENE.caption.split().index(SCENE.objects[0].colour)  # "a blue circle ...": "blue"
+    assert requested == [[first], None], "the chosen word alone first, then every word to fill in the rest"
     app.session_state["word"] = 2
     with count_model_forwards() as calls:
         app.run()
@@ -318,3 +319,18 @@ def test_model_words_are_shown_as_text_not_markup(markup_app, place):
         assert "&#" in source, f"the {place} shows the words, escaped"
         raw = re.sub(r"&#\d+;", "", source)
         assert not set("<>*[]`#~_$") & set(raw), f"raw markup in the {place}: {source}"
+
+
+def test_a_new_caption_starts_on_its_first_content_word():
+    app = pick_example(start_app(), EXAMPLE_NAME)
+    words = SCENE.caption.split()
+    assert words[0] == "a"
+    assert app.button_group[0].value == 1, "not on “a”"
+    assert any(f"“{words[1]}” ·" in caption.value for caption in app.caption)
+
+
+def test_a_photograph_on_the_demo_says_why_its_caption_is_poor():
+    app = pick_example(start_app(), "photo_coffee.jpg")
+    assert not app.exception, app.exception
+    assert any("only ever seen synthetic scenes of coloured shapes" in notice.value for notice in app.info)
+    assert not any("synthetic scenes" in notice.value for notice in pick_example(start_app(), EXAMPLE_NAME).info)
