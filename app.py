@@ -39,7 +39,7 @@ from models.loading import (
     local_model_dirs,
     model_choices,
 )
-from utils.byte_cache import ByteBoundedCache
+from utils.allocator import return_large_buffers
 from utils.caption_diff import diff_html
 from utils.image_utils import (
     ImageLoadError,
@@ -55,7 +55,7 @@ from utils.image_utils import (
 )
 from utils.metrics import SanityCheck
 from utils.patch_utils import FILL_MODES, Box, box_from_corners, click_to_image, top_patches
-from utils.plots import curves_figure
+from utils.plots import curves_figure, log_prob_change_figure
 from utils.report import ReportContent, report_html, report_zip
 from utils.text import escape_markdown, first_content_word
 from utils.video_utils import encode_mp4, layer_frames
@@ -75,8 +75,6 @@ UPLOAD_LIMITS_TEXT = (
     f"Up to {UPLOAD_MAX_MB} MB and 50 megapixels. The models see at most a few hundred pixels "
     "a side, and the server is shared: larger files would only cost everyone memory."
 )
-# Results holding images (the masked image and its mask), shared by every session.
-IMAGE_RESULTS_MAX_BYTES = 96 << 20
 
 
 # ---------------------------------------------------------------- cached model work
@@ -122,18 +120,15 @@ def cached_word_maps(key: WorkKey, method: str, _captioner, _image, _caption) ->
     return _captioner.explain(_image, _caption, method=method)
 
 
-@st.cache_resource
-def image_results() -> ByteBoundedCache:
-    """The one cache of results that hold images, bounded by their bytes, not their count."""
-    return ByteBoundedCache(IMAGE_RESULTS_MAX_BYTES)
-
-
-def cached_masked_caption(page: Page, boxes: tuple[Box, ...], fill: str) -> MaskedCaption:
-    def mask_and_caption() -> MaskedCaption:
+def masked_caption(page: Page, boxes: tuple[Box, ...], fill: str) -> MaskedCaption:
+    """The causal test's result, kept in the session: it holds two working-size images, and a
+    session shows one region at a time, so only the latest is kept, and it goes with the session."""
+    key = (page.key, boxes, fill, page.decoding)
+    if st.session_state.masked is None or st.session_state.masked[0] != key:
         with st.spinner("Masking and captioning again…"):
-            return mask_and_recaption(page.captioner, page.image, page.caption, boxes, fill, page.decoding)
-
-    return image_results().get_or_compute((page.key, boxes, fill, page.decoding), mask_and_caption)
+            result = mask_and_recaption(page.captioner, page.image, page.caption, boxes, fill, page.decoding)
+        st.session_state.masked = (key, result)
+    return st.session_state.masked[1]
 
 
 @cached(16, "Measuring: masked images are scored in batches…")
@@ -227,6 +222,7 @@ def init_state() -> None:
         "last_click_time": None,  # the click component repeats its last value on every rerun
         "region": None,  # (description, tuple of Box in working-copy pixels) or None
         "masked_request": None,  # region key + fill the user asked to regenerate
+        "masked": None,  # (key, MaskedCaption) of the latest causal test
         "video": None,  # (key, mp4 bytes)
         "report": None,  # (key, zip bytes, html text), prepared on request
         "filled_word_maps": set(),  # (WorkKey, method) of maps computed for every word
@@ -248,6 +244,7 @@ def clear_region() -> None:
     st.session_state.clicks = []
     st.session_state.region = None
     st.session_state.masked_request = None
+    st.session_state.masked = None
 
 
 # ---------------------------------------------------------------- sidebar
@@ -541,7 +538,7 @@ def mask_ui(page: Page) -> MaskedCaption | None:
         st.session_state.masked_request = request
     if st.session_state.masked_request != request:
         return None
-    masked = cached_masked_caption(page, boxes, fill)
+    masked = masked_caption(page, boxes, fill)
     caption = page.caption
     before, after = st.columns(2)
     before.image(fit_for_display(masked.masked_image, DISPLAY_MAX_SIDE), caption="Masked image", width=DISPLAY_WIDTH)
@@ -554,7 +551,7 @@ def mask_ui(page: Page) -> MaskedCaption | None:
         else:
             st.info("No word of the original caption disappeared.")
     st.caption("Change in teacher-forced log p of each original word under the mask")
-    st.bar_chart({"word": numbered_words(caption), "Δ log p": masked.log_prob_change.tolist()}, x="word", y="Δ log p")
+    st.pyplot(log_prob_change_figure(numbered_words(caption), masked.log_prob_change.tolist()))
     if page.clip is not None:
         clip_pairs_ui(page, masked, f"{page.key.image}|masked|{boxes!r}|{fill}")
     return masked
@@ -821,6 +818,7 @@ def report_content(page: Page, model_label: str, shown: Shown) -> ReportContent:
 
 def main() -> None:
     st.set_page_config(page_title="VLM Explainer", layout="wide")
+    return_large_buffers()
     init_state()
     st.title("VLM Explainer")
     st.caption("Why did the model write that word? Heatmaps, a causal masking test and a CLIP cross-check.")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from utils.metrics import Curve, CurveSet
-from utils.plots import curves_figure
+from utils.plots import curves_figure, log_prob_change_figure
 from utils.text import FUNCTION_WORDS, MARKUP_CHARACTERS, escape_markdown, first_content_word
 
 
@@ -65,3 +65,12 @@ def test_first_content_word_accepts_any_sequence_and_leaves_it_alone():
 def test_function_words_are_lower_case_single_words():
     assert all(word == word.casefold() and word.isalpha() for word in FUNCTION_WORDS)
     assert not {"red", "two", "dog", "circle", "picture"} & FUNCTION_WORDS
+
+
+def test_words_on_the_log_p_bars_are_not_read_as_mathtext():
+    figure = log_prob_change_figure(["1. $x$", "2. dog"], [-1.5, 0.2])
+    (axes,) = figure.axes
+    labels = axes.get_xticklabels()
+    assert [label.get_text() for label in labels] == ["1. $x$", "2. dog"]
+    assert not any(label.get_parse_math() for label in labels)
+    assert [round(bar.get_height(), 2) for bar in axes.patches] == [-1.5, 0.2]

@@ -115,7 +115,9 @@ def _decode(data: bytes, max_pixels: int, max_side: int | None) -> tuple[Image.I
             # Truncated JPEGs open fine and only fail here, so load() stays inside the guard.
             image.load()
             if max_side is not None and image.mode in RESIZABLE_MODES:
-                image = fit_for_display(image, max_side)  # before the copies below: 12 MB, not 150
+                # Before the copies below (12 MB, not 150), and averaging whole blocks of pixels
+                # first: its intermediate images stay small while the full decode is still held.
+                image = fit_for_display(image, max_side, reducing_gap=1.0)
             upright = _to_rgb(ImageOps.exif_transpose(image))
             return (upright if max_side is None else fit_for_display(upright, max_side)), original_size
 
@@ -191,7 +193,7 @@ def _sixteen_bit_to_grey(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(values / 257.0).astype(np.uint8))  # (H, W) uint8 -> L
 
 
-def fit_for_display(image: Image.Image, max_side: int) -> Image.Image:
+def fit_for_display(image: Image.Image, max_side: int, reducing_gap: float = 3.0) -> Image.Image:
     """Downscale an image so that its longer side is at most max_side, keeping the aspect.
 
     Args:
@@ -206,7 +208,7 @@ def fit_for_display(image: Image.Image, max_side: int) -> Image.Image:
     scale = max_side / max(width, height)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # reducing_gap shrinks by whole factors first: fast on 24-megapixel photos, same quality.
-    return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=reducing_gap)
 
 
 def colormap_names() -> list[str]:
