@@ -8,6 +8,7 @@ import re
 
 import pytest
 from PIL import Image
+from streamlit.runtime.caching.cache_data_api import _data_caches
 
 import utils.image_utils
 from app import DISPLAY_MAX_SIDE
@@ -69,6 +70,9 @@ def test_a_large_photo_costs_bounded_memory_and_the_session_keeps_no_full_size_c
     working = app.session_state["working"]
     assert max(working.image.size) == WORKING_MAX_SIDE and working.original_size == (SIDE, SIDE)
     assert max(app.session_state["display_image"].size) == DISPLAY_MAX_SIDE
+    # Streamlit's caches are bounded by entry count only: none may hold image-sized data.
+    cached = [stat for stats in _data_caches.get_stats().values() for stat in stats]
+    assert cached and max(stat.byte_length for stat in cached) < 1 << 20
     growth = resident_mb() - before
     print(f"resident memory growth over three 49 MP photos: {growth:.0f} MB")
     assert growth <= 600
