@@ -499,6 +499,38 @@ def _progress_tqdm(on_progress: ProgressCallback):
     return ProgressTqdm
 
 
+# Loading holds the weights once, plus what a forward and a gradient pass need beside them.
+MEMORY_HEADROOM = 1.3
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give without swapping (Linux's MemAvailable); None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(folder: Path, name: str) -> None:
+    """Refuse, before loading, a model larger than the memory this machine has free: loading it
+    anyway would swap the shared server to a halt or get the process killed.
+
+    Raises:
+        ModelUnavailableError: with what the model needs and what is free.
+    """
+    weights = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    needed = weights * MEMORY_HEADROOM
+    free = available_memory_bytes()
+    if free is not None and needed > free:
+        raise ModelUnavailableError(
+            f"{name} needs about {needed / 2**30:.1f} GB of memory (its weights are {weights / 2**30:.1f} GB), "
+            f"and this machine has {free / 2**30:.1f} GB free. Choose a smaller model."
+        )
+
+
 def load_checkpoint(model_class, processor_class, folder: Path, device: torch.device, name: str | None = None):
     """Load a model and its processor from a local folder, frozen and in eval mode.
 
@@ -512,6 +544,7 @@ def load_checkpoint(model_class, processor_class, folder: Path, device: torch.de
             random and explain a random model without a word).
     """
     name = name or folder_name(folder)
+    check_memory(folder, name)
     try:
         model, loading_info = model_class.from_pretrained(
             folder, use_safetensors=True, trust_remote_code=False, output_loading_info=True

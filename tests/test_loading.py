@@ -495,3 +495,23 @@ def test_cached_hub_snapshot_is_used_without_asking_the_hub(bin_only_hub, tiny_b
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: pytest.fail("the hub was asked for a cached model"))
     assert resolve_model_dir(BIN_ONLY_REPO, "blip") == tiny_blip_dir
     assert bin_only_hub.downloads == []
+
+
+def test_a_model_larger_than_the_free_memory_is_refused_before_loading(tiny_blip_dir, monkeypatch):
+    weights = sum(path.stat().st_size for path in tiny_blip_dir.glob("*.safetensors"))
+    monkeypatch.setattr(loading, "available_memory_bytes", lambda: weights)  # less than weights x 1.3
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained must not run for a model that does not fit")
+
+    monkeypatch.setattr(BlipExplainer.model_class, "from_pretrained", never)
+    with pytest.raises(ModelUnavailableError) as refused:
+        load_captioner(str(tiny_blip_dir), device="cpu")
+    message = str(refused.value)
+    assert f"{tiny_blip_dir.name} needs about" in message and "GB free" in message
+    assert str(tiny_blip_dir.parent) not in message
+
+
+def test_a_model_that_fits_loads(tiny_blip_dir, monkeypatch):
+    monkeypatch.setattr(loading, "available_memory_bytes", lambda: 64 << 30)
+    assert load_captioner(str(tiny_blip_dir), device="cpu").max_caption_tokens == 64
