@@ -280,7 +280,7 @@ def decoding_ui(captioner: CaptionerExplainer) -> Decoding:
             "Max new tokens", 1, longest, min(30, longest), key=f"max_new_tokens_{longest}",
             help=f"At most {captioner.max_caption_tokens} tokens for prompt and caption together, for this model.",
         )
-        prompt = st.text_input("Prompt (conditional captioning)", "", key="prompt", max_chars=200)
+        prompt = st.text_input(captioner.prompt_label, "", key="prompt", max_chars=200, help=captioner.prompt_help)
     return Decoding(prompt, max_new_tokens, num_beams)
 
 
@@ -676,6 +676,13 @@ def clip_ui(page: Page, word: int, view: ViewSettings) -> ClipShown | None:
     caption_column, text_column = st.columns(2)
     caption_column.metric("CLIP score of the caption", f"{caption_score:.1f}")
     text_column.metric("CLIP score of your sentence", f"{text_score:.1f}", f"{text_score - caption_score:+.1f}")
+    for name, checked in (("caption", caption_text), ("sentence", text)):
+        seen = clip.text_seen(checked)
+        if seen is not None:
+            st.caption(
+                f"CLIP reads at most {clip.max_text_tokens} tokens, so the {name} was cut: "
+                f"CLIP saw “{escape_markdown(seen)}”."
+            )
     target = st.radio("CLIP heatmap for", ["the sentence", "the chosen word"], horizontal=True, key="clip_target")
     layer = st.select_slider(
         "CLIP layer", options=list(clip.cam_layers), value=clip.default_layer, format_func=clip.layer_name,

@@ -44,6 +44,8 @@ class BlipExplainer(CaptionerExplainer):
     # mean over all decoder layers: pointing game 0.95 there, against 0.88 to 0.91 for any single
     # decoder layer and 0.87 for HiResCAM's best layer.
     default_method = "cross_attention"
+    prompt_label = "Prompt (conditional captioning)"
+    prompt_help = "The caption starts with these words and the model goes on; empty: a caption of its own."
 
     def __init__(self, model: BlipForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
         # The last layer's raw output feeds only the final LayerNorm, and a LayerNorm's input

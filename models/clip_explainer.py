@@ -113,10 +113,25 @@ class ClipExplainer(PretrainedExplainer):
         pixels = self.processor.image_processor(images=[image], return_tensors="pt").pixel_values
         return pixels.to(self.device, self.model.dtype)
 
+    @property
+    def max_text_tokens(self) -> int:
+        """Most tokens of a text CLIP reads (77 for B/32); the rest is cut off."""
+        return self.model.config.text_config.max_position_embeddings
+
+    def text_seen(self, text: str) -> str | None:
+        """The part of ``text`` that CLIP reads, when it is cut; None when CLIP reads it all."""
+        tokenizer = self.processor.tokenizer
+        read = tokenizer(text, truncation=True, max_length=self.max_text_tokens).input_ids
+        if len(tokenizer(text).input_ids) <= len(read):
+            return None
+        return tokenizer.decode(read, skip_special_tokens=True)
+
     @torch.no_grad()
     def _text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
-        """(texts, dim) unit-length text embeddings."""
-        tokens = self.processor.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        """(texts, dim) unit-length text embeddings, each text cut to ``max_text_tokens``."""
+        tokens = self.processor.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        )
         features = self.model.get_text_features(
             input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
         ).pooler_output

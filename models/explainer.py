@@ -285,6 +285,9 @@ class CaptionerExplainer(PretrainedExplainer):
     model_types: ClassVar[tuple[str, ...]]  # the ``config.model_type`` values it explains
     role: ClassVar[str] = "captioner"  # how loading messages call what it is for
     default_method: ClassVar[str]
+    # The sidebar's text box: what the family's ``caption(prompt=...)`` does with it.
+    prompt_label: ClassVar[str] = "Prompt"
+    prompt_help: ClassVar[str] = ""
     patch_size: int  # side of one patch in model pixels, read from the config by the family
     special_ids: frozenset[int]  # ids that are never words (BOS, EOS, padding, image tokens ...)
 

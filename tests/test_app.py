@@ -334,3 +334,14 @@ def test_a_photograph_on_the_demo_says_why_its_caption_is_poor():
     assert not app.exception, app.exception
     assert any("only ever seen synthetic scenes of coloured shapes" in notice.value for notice in app.info)
     assert not any("synthetic scenes" in notice.value for notice in pick_example(start_app(), EXAMPLE_NAME).info)
+
+
+def test_a_sentence_longer_than_clip_reads_is_said_to_be_cut(explained_app):
+    app = explained_app
+    (text_input,) = [box for box in app.text_input if box.label == "Sentence to check"]
+    text_input.set_value(" ".join(["a blue circle and a green square"] * 4)).run()
+    assert not app.exception, app.exception
+    (note,) = [caption.value for caption in app.caption if "was cut" in caption.value]
+    assert note.startswith("CLIP reads at most 16 tokens, so the sentence was cut: CLIP saw “a blue circle")
+    text_input.set_value("a blue circle").run()
+    assert not any("was cut" in caption.value for caption in app.caption)

@@ -166,3 +166,16 @@ def test_default_layer_map_is_not_rounding_noise(tiny_clip):
         double = double_clip.explain(image, "a red dog", method="hirescam").cam_patches.ravel()
         assert double.max() > 1e-4
         assert np.corrcoef(single, double)[0, 1] >= 0.999
+
+
+def test_a_text_longer_than_clip_reads_is_cut_and_the_page_can_say_which_part(tiny_clip):
+    assert tiny_clip.max_text_tokens == 32
+    short = "a red circle on grass"
+    assert tiny_clip.text_seen(short) is None
+    long = " ".join(["a red dog and a blue cat on grass"] * 5)  # 45 words: more than 30 fit
+    seen = tiny_clip.text_seen(long)
+    assert seen is not None and long.startswith(seen) and len(seen.split()) == 30  # 32 less [CLS], [SEP]
+    image = random_image(3)
+    cut, whole_part = tiny_clip.similarity(image, [long, seen]).cosine_x100
+    assert cut == pytest.approx(whole_part, abs=1e-4), "CLIP scored exactly the part it read"
+    assert tiny_clip.explain(image, long).cosine_x100 == pytest.approx(cut, abs=1e-4)
