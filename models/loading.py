@@ -12,6 +12,7 @@ timeout, because transformers alone retries an unreachable hub for minutes befor
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -408,7 +409,9 @@ def _downloaded_hub_folder(repo_id: str, on_progress: ProgressCallback | None) -
 
 
 def _download(repo_id: str, revision: str, patterns: list[str], on_progress: ProgressCallback | None) -> Path:
-    """Download (or complete) the snapshot of ``repo_id`` at ``revision``, only the files ``patterns`` match."""
+    """Download (or complete) the snapshot of ``repo_id`` at ``revision``, only the files ``patterns`` match;
+    a model the machine could not hold is refused before its weights are downloaded."""
+    refuse_if_too_large(_hub_weight_bytes(repo_id, revision, patterns), repo_id)
     return Path(
         huggingface_hub.snapshot_download(
             repo_id,
@@ -416,6 +419,17 @@ def _download(repo_id: str, revision: str, patterns: list[str], on_progress: Pro
             allow_patterns=patterns,
             tqdm_class=_progress_tqdm(on_progress) if on_progress else None,
         )
+    )
+
+
+def _hub_weight_bytes(repo_id: str, revision: str, patterns: list[str]) -> int:
+    """Bytes of the weight files (safetensors or PyTorch .bin) at ``revision`` that ``patterns`` select."""
+    info = huggingface_hub.HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    return sum(
+        sibling.size or 0
+        for sibling in info.siblings
+        if sibling.rfilename.endswith((".safetensors", ".bin"))
+        and any(fnmatch.fnmatch(sibling.rfilename, pattern) for pattern in patterns)
     )
 
 
@@ -521,12 +535,16 @@ def check_memory(folder: Path, name: str) -> None:
     Raises:
         ModelUnavailableError: with what the model needs and what is free.
     """
-    weights = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
-    needed = weights * MEMORY_HEADROOM
+    refuse_if_too_large(sum(path.stat().st_size for path in folder.glob("*.safetensors")), name)
+
+
+def refuse_if_too_large(weight_bytes: int, name: str) -> None:
+    """Raise ModelUnavailableError when weights of this size would not fit in the free memory."""
+    needed = weight_bytes * MEMORY_HEADROOM
     free = available_memory_bytes()
     if free is not None and needed > free:
         raise ModelUnavailableError(
-            f"{name} needs about {needed / 2**30:.1f} GB of memory (its weights are {weights / 2**30:.1f} GB), "
+            f"{name} needs about {needed / 2**30:.1f} GB of memory (its weights are {weight_bytes / 2**30:.1f} GB), "
             f"and this machine has {free / 2**30:.1f} GB free. Choose a smaller model."
         )
 

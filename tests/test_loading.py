@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx2
@@ -375,6 +376,12 @@ class FakeHub:
     def list_repo_files(self, repo_id, revision="main"):
         return self.revisions[revision]["files"]
 
+    def model_info(self, repo_id, revision="main", files_metadata=False):
+        folder = Path(self.revisions[revision]["folder"])
+        sizes = {name: (folder / name).stat().st_size if (folder / name).exists() else 0
+                 for name in self.revisions[revision]["files"]}
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=name, size=size) for name, size in sizes.items()])
+
     def list_repo_commits(self, repo_id, revision="main"):
         return [SimpleNamespace(commit_id=commit) for commit in self.revisions[revision]["commits"]]
 
@@ -515,3 +522,12 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_loading(tiny_blip
 def test_a_model_that_fits_loads(tiny_blip_dir, monkeypatch):
     monkeypatch.setattr(loading, "available_memory_bytes", lambda: 64 << 30)
     assert load_captioner(str(tiny_blip_dir), device="cpu").max_caption_tokens == 64
+
+
+def test_a_hub_model_too_large_for_this_machine_is_refused_before_its_weights_download(
+    bin_only_hub, tiny_blip_dir, conversion_cache, monkeypatch
+):
+    monkeypatch.setattr(loading, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(ModelUnavailableError, match=f"{BIN_ONLY_REPO} needs about .* GB free"):
+        resolve_model_dir(BIN_ONLY_REPO, "blip")
+    assert bin_only_hub.downloads == [], "nothing was downloaded"
