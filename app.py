@@ -33,6 +33,7 @@ from models.clip_explainer import ClipExplainer, ClipMap, Similarity
 from models.explainer import Caption, CaptionerExplainer, Decoding, PromptTooLongError, WordMaps
 from models.families import load_captioner
 from models.loading import (
+    PRECISIONS,
     SHAPES_DEMO_CHOICE,
     ModelChoice,
     ModelUnavailableError,
@@ -81,8 +82,8 @@ UPLOAD_LIMITS_TEXT = (
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def load_captioner_cached(source: str, device: str, _on_progress=None) -> CaptionerExplainer:
-    return load_captioner(source, device, _on_progress)
+def load_captioner_cached(source: str, device: str, precision: str, _on_progress=None) -> CaptionerExplainer:
+    return load_captioner(source, device, _on_progress, precision)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -250,8 +251,8 @@ def clear_region() -> None:
 # ---------------------------------------------------------------- sidebar
 
 
-def model_ui() -> tuple[ModelChoice, str]:
-    """Model and device."""
+def model_ui() -> tuple[ModelChoice, str, str]:
+    """Model, device and the captioner's precision."""
     # `streamlit run app.py -- --captioner-dir D --clip-dir D`, or the environment (README).
     choices = model_choices(*local_model_dirs(os.environ, sys.argv[1:]))
     labels = [choice.label for choice in choices]
@@ -266,7 +267,13 @@ def model_ui() -> tuple[ModelChoice, str]:
                 "where the truth is known. It is not a general captioner."
             )
         device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device")
-    return choices[labels.index(label)], device
+        # MPS computes bfloat16 only on recent systems: offer it where it always works.
+        precisions = list(PRECISIONS) if device != "mps" else ["float32"]
+        precision = st.selectbox(
+            "Precision", precisions, key=f"precision_{device}",
+            help="bfloat16 halves the captioner's memory; its maps are close to float32's, not equal.",
+        )
+    return choices[labels.index(label)], device, precision
 
 
 def decoding_ui(captioner: CaptionerExplainer) -> Decoding:
@@ -284,7 +291,9 @@ def decoding_ui(captioner: CaptionerExplainer) -> Decoding:
     return Decoding(prompt, max_new_tokens, num_beams)
 
 
-def load_models_ui(choice: ModelChoice, device: str) -> tuple[CaptionerExplainer, ClipExplainer | None, str, str]:
+def load_models_ui(
+    choice: ModelChoice, device: str, precision: str
+) -> tuple[CaptionerExplainer, ClipExplainer | None, str, str]:
     """Load the chosen models; fall back to the bundled demo with a notice when they are unavailable."""
     progress = st.empty()
 
@@ -293,7 +302,7 @@ def load_models_ui(choice: ModelChoice, device: str) -> tuple[CaptionerExplainer
 
     try:
         with st.spinner(f"Loading {choice.label}…"):
-            captioner = load_captioner_cached(choice.captioner_source, device, show_progress)
+            captioner = load_captioner_cached(choice.captioner_source, device, precision, show_progress)
     except ModelUnavailableError as error:
         if choice == SHAPES_DEMO_CHOICE:
             st.error(f"The bundled demo model could not be loaded: {escape_markdown(str(error))}")
@@ -308,7 +317,7 @@ def load_models_ui(choice: ModelChoice, device: str) -> tuple[CaptionerExplainer
     except ModelUnavailableError as error:
         st.sidebar.warning(f"CLIP is unavailable, so its checks are hidden: {escape_markdown(str(error))}")
     progress.empty()
-    return captioner, clip, f"{choice.captioner_source}|{device}", f"{choice.clip_source}|{device}"
+    return captioner, clip, f"{choice.captioner_source}|{device}|{precision}", f"{choice.clip_source}|{device}"
 
 
 # ---------------------------------------------------------------- input
@@ -829,8 +838,8 @@ def main() -> None:
     init_state()
     st.title("VLM Explainer")
     st.caption("Why did the model write that word? Heatmaps, a causal masking test and a CLIP cross-check.")
-    choice, device = model_ui()
-    captioner, clip, model_key, clip_model_key = load_models_ui(choice, device)
+    choice, device, precision = model_ui()
+    captioner, clip, model_key, clip_model_key = load_models_ui(choice, device, precision)
     decoding = decoding_ui(captioner)
     image_input_ui()
     if st.session_state.working is None:

@@ -90,9 +90,9 @@ class BlipExplainer(CaptionerExplainer):
         return self.model.vision_model.encoder.layers
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Processor output for RGB images: (batch, 3, height, width) float32 on the device."""
+        """Processor output for RGB images: (batch, 3, height, width) on the device, in the model's dtype."""
         pixels = self.processor.image_processor(images=list(images), return_tensors="pt").pixel_values
-        return pixels.to(self.device)
+        return pixels.to(self.device, self.model.dtype)
 
     def model_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.pixel_values(images)}

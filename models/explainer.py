@@ -349,6 +349,14 @@ class CaptionerExplainer(PretrainedExplainer):
 
     # ------------------------------------------------------------ shared by every family
 
+    def typed_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """``model_inputs`` with floating-point tensors in the model's dtype (a bfloat16 model
+        reads bfloat16 pixels); log p is computed in float32 whatever the model's dtype."""
+        return {
+            name: value.to(self.model.dtype) if value.is_floating_point() else value
+            for name, value in self.model_inputs(images).items()
+        }
+
     def new_token_budget(self, prompt_length: int, max_new_tokens: int) -> int:
         """How many ids a caption may add after ``prompt_length`` ids: at most ``max_new_tokens``,
         fewer when the prompt leaves less room under ``max_caption_tokens``.
@@ -401,7 +409,7 @@ class CaptionerExplainer(PretrainedExplainer):
             (images, ids) float32; column 0 (never predicted) is NaN.
         """
         ids = torch.tensor([list(token_ids)], device=self.device).expand(len(images), -1)
-        logits = self.teacher_forced_logits(self.model_inputs(images), ids)  # (B, T, V)
+        logits = self.teacher_forced_logits(self.typed_inputs(images), ids).float()  # (B, T, V)
         log_probs = logits[:, :-1].log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
         nan_column = torch.full((len(images), 1), math.nan, device=self.device)
         return torch.cat([nan_column, log_probs], dim=1).float().cpu().numpy()
@@ -456,7 +464,7 @@ class CaptionerExplainer(PretrainedExplainer):
         if not indices:
             return []
         targets = [self.word_target(caption, index, piece, foil) for index in indices]
-        inputs = self.model_inputs([image])
+        inputs = self.typed_inputs([image])
         ids = torch.tensor([caption.token_ids], device=self.device)
         if isinstance(chosen, OcclusionMethod):
             blocks = occlusion_blocks(self.image_geometry(image.size))
@@ -489,7 +497,7 @@ class CaptionerExplainer(PretrainedExplainer):
             torch.enable_grad(),
             capture_outputs(method.modules, output_index=method.output_index) as captured,
         ):
-            log_probs = self.teacher_forced_logits(inputs, ids)[0].log_softmax(dim=-1)  # (T, V)
+            log_probs = self.teacher_forced_logits(inputs, ids)[0].float().log_softmax(dim=-1)  # (T, V)
             scores = torch.stack([target(log_probs) for target in targets])  # (W,)
             # One backward pass per word over the one shared forward graph. (Batching them with
             # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.)
@@ -520,7 +528,7 @@ class CaptionerExplainer(PretrainedExplainer):
         patches is occluded, in batched forward passes; every patch of a block gets its drop."""
 
         def scores_of(batch_inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:  # -> (B, W)
-            log_probs = self.teacher_forced_logits(batch_inputs, ids.expand(batch, -1)).log_softmax(dim=-1)
+            log_probs = self.teacher_forced_logits(batch_inputs, ids.expand(batch, -1)).float().log_softmax(dim=-1)
             return torch.stack([target(log_probs) for target in targets], dim=-1)
 
         base_scores = scores_of(inputs, 1)[0]  # (W,)

@@ -48,10 +48,10 @@ def captioner_family(model_type: str) -> type[CaptionerExplainer]:
 
 
 def load_captioner(
-    source: str, device: str = "auto", on_progress: ProgressCallback | None = None
+    source: str, device: str = "auto", on_progress: ProgressCallback | None = None, precision: str = "float32"
 ) -> CaptionerExplainer:
     """The explainer for the captioner that ``source`` names ("shapes-demo", a folder or a hub
-    id), of the family its config.json declares.
+    id), of the family its config.json declares, in ``precision`` (a key of loading.PRECISIONS).
 
     Raises:
         ModelUnavailableError: the source cannot be resolved (see ``resolve_model_dir``), holds
@@ -62,7 +62,7 @@ def load_captioner(
     name = source_name(source, CAPTIONER_DEMO_COMPONENT)
     # From config.json alone, before any weights: a CLIP folder is named as one, not as a misfit.
     model_type = check_model_type(folder, name, supported_model_types(), CaptionerExplainer.role)
-    return explainer_from_folder(captioner_family(model_type), folder, pick_device(device), name)
+    return explainer_from_folder(captioner_family(model_type), folder, pick_device(device), name, precision)
 
 
 def explainer_for_model(

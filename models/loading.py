@@ -528,14 +528,16 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_memory(folder: Path, name: str) -> None:
+def check_memory(folder: Path, name: str, dtype: torch.dtype = torch.float32) -> None:
     """Refuse, before loading, a model larger than the memory this machine has free: loading it
     anyway would swap the shared server to a halt or get the process killed.
 
     Raises:
         ModelUnavailableError: with what the model needs and what is free.
     """
-    refuse_if_too_large(sum(path.stat().st_size for path in folder.glob("*.safetensors")), name)
+    stored = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    # The files may hold another precision than the model will; float32 files are the usual case.
+    refuse_if_too_large(int(stored * dtype.itemsize / 4), name)
 
 
 def refuse_if_too_large(weight_bytes: int, name: str) -> None:
@@ -549,7 +551,14 @@ def refuse_if_too_large(weight_bytes: int, name: str) -> None:
         )
 
 
-def load_checkpoint(model_class, processor_class, folder: Path, device: torch.device, name: str | None = None):
+# Precisions offered: bfloat16 halves the memory of a model; CPU and CUDA compute in it.
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_checkpoint(
+    model_class, processor_class, folder: Path, device: torch.device, name: str | None = None,
+    precision: str = "float32",
+):
     """Load a model and its processor from a local folder, frozen and in eval mode.
 
     Parameters never require grad: explanations take gradients with respect to activations
@@ -562,10 +571,11 @@ def load_checkpoint(model_class, processor_class, folder: Path, device: torch.de
             random and explain a random model without a word).
     """
     name = name or folder_name(folder)
-    check_memory(folder, name)
+    check_memory(folder, name, PRECISIONS[precision])
     try:
         model, loading_info = model_class.from_pretrained(
-            folder, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+            folder, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+            dtype=PRECISIONS[precision],
         )
         # The PIL backend gives the same pixels on every machine (torchvision may be absent).
         processor = processor_class.from_pretrained(folder, backend="pil")
@@ -601,9 +611,11 @@ class PretrainedExplainer:
     demo_component: ClassVar[Component]
 
     @classmethod
-    def from_pretrained(cls, source: str, device: str = "auto", on_progress: ProgressCallback | None = None) -> Self:
+    def from_pretrained(
+        cls, source: str, device: str = "auto", on_progress: ProgressCallback | None = None, precision: str = "float32"
+    ) -> Self:
         """Load from a hub id, a local folder or "shapes-demo" (see ``resolve_model_dir``), frozen,
-        on ``device`` ("auto": cuda, then mps, then cpu).
+        on ``device`` ("auto": cuda, then mps, then cpu), in ``precision`` (a key of PRECISIONS).
 
         Raises:
             ModelUnavailableError: as ``resolve_model_dir``; or the folder holds another kind of
@@ -613,14 +625,16 @@ class PretrainedExplainer:
         folder = resolve_model_dir(source, cls.demo_component, on_progress)
         name = source_name(source, cls.demo_component)
         check_model_type(folder, name, cls.model_types, cls.role)
-        return explainer_from_folder(cls, folder, pick_device(device), name)
+        return explainer_from_folder(cls, folder, pick_device(device), name, precision)
 
 
-def explainer_from_folder(explainer_class, folder: Path, device: torch.device, name: str | None = None):
+def explainer_from_folder(
+    explainer_class, folder: Path, device: torch.device, name: str | None = None, precision: str = "float32"
+):
     """An explainer of ``explainer_class`` on the checkpoint in a resolved local folder
     (``name``: how messages call it, see ``load_checkpoint``)."""
     model, processor = load_checkpoint(
-        explainer_class.model_class, explainer_class.processor_class, folder, device, name
+        explainer_class.model_class, explainer_class.processor_class, folder, device, name, precision
     )
     return explainer_class(model, processor, device)
 

@@ -345,3 +345,11 @@ def test_a_sentence_longer_than_clip_reads_is_said_to_be_cut(explained_app):
     assert note.startswith("CLIP reads at most 16 tokens, so the sentence was cut: CLIP saw “a blue circle")
     text_input.set_value("a blue circle").run()
     assert not any("was cut" in caption.value for caption in app.caption)
+
+
+def test_the_captioner_runs_in_bfloat16_when_asked():
+    app = pick_example(start_app(), EXAMPLE_NAME)
+    app.sidebar.selectbox(key="precision_auto").set_value("bfloat16").run()
+    assert not app.exception, app.exception
+    assert app.subheader[0].value.startswith("“") and len(app.button_group) == 1
+    assert len(app.get("image")) >= 1  # the heatmap overlay
