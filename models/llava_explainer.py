@@ -14,6 +14,7 @@ processor resizes the short side and centre-crops, like CLIP.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -147,7 +148,9 @@ class LlavaExplainer(CaptionerExplainer):
         return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
-        return self.model.model.vision_tower.encoder.layers
+        # Only those that reach the words: re-randomising a layer above vision_feature_layer
+        # would change nothing, and the sanity check would pass for the wrong reason.
+        return self.vision_layers
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Processor output for RGB images: (batch, 3, height, width) on the device, in the
@@ -177,6 +180,13 @@ class LlavaExplainer(CaptionerExplainer):
         """(1, ids) of the templated prompt, "<image>" expanded to one id per image token."""
         text = self.prompt_text(instruction)
         return self.processor(images=[image], text=text, return_tensors="pt").input_ids.to(self.device)
+
+    def caption_from_ids(self, token_ids: Sequence[int], prompt_length: int = 1) -> Caption:
+        """As the engine's, but the text is the answer alone: an instruction and its chat
+        template are not part of the caption (the page shows it, CLIP reads it)."""
+        caption = super().caption_from_ids(token_ids, prompt_length)
+        answer = [token_id for token_id in caption.token_ids[prompt_length:] if token_id not in self.special_ids]
+        return dataclasses.replace(caption, text=self.processor.tokenizer.decode(answer).strip())
 
     @in_denormal_mode
     @torch.no_grad()
