@@ -106,14 +106,18 @@ class LlavaExplainer(CaptionerExplainer):
         deepest = max(index % (len(layers) + 1) for index in feature_layers)
         self.vision_layers = layers[:deepest]
         self.attention_layers = [layer.self_attn for layer in model.model.language_model.layers]
-        # CLIP puts CLS first; the "default" strategy drops it before the projector, "full"
-        # writes it into the sequence as the first image token.
-        self.prefix_tokens = getattr(processor, "num_additional_image_tokens", 0) or 0
+        # CLIP puts CLS first (SigLIP has none); the "default" strategy drops the first token
+        # before the projector, "full" writes it into the sequence as the first image token.
+        self.prefix_tokens = 1 if hasattr(tower.embeddings, "class_embedding") else 0
         self.strategy = config.vision_feature_select_strategy
-        self.special_ids = frozenset(processor.tokenizer.all_special_ids) | {
-            self.image_token_id,
-            *(token_id for token_id in (config.text_config.bos_token_id, config.text_config.eos_token_id)
-              if isinstance(token_id, int)),
+        if self.strategy == "default" and not self.prefix_tokens:
+            raise ValueError("the 'default' feature strategy would drop a patch: this vision tower has no CLS token")
+        text_config = config.text_config
+        self.special_ids = frozenset(processor.tokenizer.all_special_ids) | {self.image_token_id} | {
+            token_id
+            for value in (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id)
+            for token_id in (value if isinstance(value, (list, tuple)) else [value])
+            if isinstance(token_id, int)
         }
         self.patch_size = config.vision_config.patch_size
         crop = image_processor.crop_size

@@ -197,6 +197,42 @@ def test_all_attention_layers_in_one_pass_equal_one_pass_per_layer(tiny_llava, c
     assert maps.cam_patches.shape == (TEXT_LAYERS + 1, PATCHES)
 
 
+def test_a_cls_token_kept_in_the_sequence_is_no_patch():
+    """With the "full" strategy CLIP's CLS is the first image token: no map may show it."""
+    model, processor = build_tiny_llava(strategy="full")
+    explainer = LlavaExplainer(model, processor)
+    image = random_image(32)
+    prompt = explainer.prompt_ids(image, DEFAULT_INSTRUCTION)[0].tolist()
+    answer = processor.tokenizer(ANSWER, add_special_tokens=False).input_ids
+    ids = prompt + answer + [EOS_ID]
+    columns = image_columns(ids)
+    assert len(columns) == PATCHES + 1
+    caption = explainer.caption_from_ids(ids, len(prompt))
+    word = caption.words[1]
+    rows = slice(word.start - 1, word.end - 1)
+    (maps,) = explainer.explain(image, caption, word_indices=[1], method="attention")
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_attention(module, inputs, output, sink=captured) -> None:
+        sink.setdefault("attention", output[1])
+
+    handle = explainer.attention_layers[0].register_forward_hook(keep_attention)
+    try:
+        with torch.enable_grad():
+            pixel_values = explainer.pixel_values([image]).requires_grad_(True)
+            log_probs = logits_of(explainer, pixel_values, ids).log_softmax(-1)
+            score = sum(log_probs[p - 1, ids[p]] for p in range(word.start, word.end))
+            (gradient,) = torch.autograd.grad(score, captured["attention"])
+    finally:
+        handle.remove()
+    attention = captured["attention"][0]
+    by_hand = torch.relu(gradient[0] * attention)[:, rows][:, :, columns[1:]].mean(dim=0).sum(dim=0)
+    np.testing.assert_allclose(maps.cam_patches[0], by_hand.detach().numpy(), rtol=1e-4, atol=1e-9)
+    for method in ("hirescam", "occlusion"):
+        (maps,) = explainer.explain(image, caption, word_indices=[1], method=method)
+        assert maps.cam_patches.shape[1] == PATCHES
+
+
 def test_attention_is_the_default_and_ends_with_the_mean_over_layers_shown_first(tiny_llava, caption):
     assert tiny_llava.default_method == "attention"
     (maps,) = tiny_llava.explain(random_image(5), caption, word_indices=[1])

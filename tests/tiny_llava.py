@@ -67,9 +67,13 @@ def tiny_llama_tokenizer() -> PreTrainedTokenizerFast:
     return built
 
 
-def build_tiny_llava(seed: int = 0, max_positions: int = 128) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_tiny_llava(
+    seed: int = 0, max_positions: int = 128, strategy: str = "default"
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A 3-layer CLIP vision / 2-layer Llama LLaVA on 32 px crops (4 x 4 patches), random
-    weights, eager attention, whose sequences hold at most ``max_positions`` ids."""
+    weights, eager attention, whose sequences hold at most ``max_positions`` ids. ``strategy``
+    "default" drops CLIP's CLS before the projector (LLaVA-1.5); "full" keeps it as the first
+    image token."""
     tokenizer = tiny_llama_tokenizer()
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
@@ -94,9 +98,9 @@ def build_tiny_llava(seed: int = 0, max_positions: int = 128) -> tuple[LlavaForC
             pad_token_id=PAD_ID,
         ),
         image_token_index=IMAGE_TOKEN_ID,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2 + (strategy == "full"),
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=strategy,
     )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -107,7 +111,7 @@ def build_tiny_llava(seed: int = 0, max_positions: int = 128) -> tuple[LlavaForC
         ),
         tokenizer=tokenizer,
         patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=strategy,
         num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
