@@ -182,7 +182,8 @@ class LlavaExplainer(CaptionerExplainer):
 
     def prompt_ids(self, image: Image.Image, instruction: str) -> torch.Tensor:
         """(1, ids) of the templated prompt, "<image>" expanded to one id per image token."""
-        text = self.prompt_text(instruction)
+        # Typed "<image>" would ask for a second image: the one image comes from the template.
+        text = self.prompt_text(instruction.replace(self.processor.image_token, " ").strip())
         return self.processor(images=[image], text=text, return_tensors="pt").input_ids.to(self.device)
 
     def caption_from_ids(self, token_ids: Sequence[int], prompt_length: int = 1) -> Caption:

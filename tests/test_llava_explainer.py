@@ -386,6 +386,8 @@ def test_caption_answers_the_instruction_through_the_chat_template(tiny_llava):
     assert asked.prompt_length == len(asked_prompt)
     answer = [token_id for token_id in asked.token_ids[asked.prompt_length :] if token_id not in tiny_llava.special_ids]
     assert asked.text == tiny_llava.processor.tokenizer.decode(answer).strip()
+    typed_image_token = tiny_llava.caption(image, prompt="What is <image> here?", max_new_tokens=2)
+    assert len(image_columns(typed_image_token.token_ids)) == PATCHES
     beams = tiny_llava.caption(image, max_new_tokens=3, num_beams=2)
     assert beams.token_ids[: len(prompt)] == tuple(prompt)
 
