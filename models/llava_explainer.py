@@ -84,6 +84,8 @@ class LlavaExplainer(CaptionerExplainer):
     demo_component = "blip"  # no bundled LLaVA demo: "shapes-demo" stays the BLIP one
     # The family's analogue of BLIP's default (gradient x cross-attention, mean over layers).
     default_method = "attention"
+    prompt_label = "Instruction"
+    prompt_help = f"What the model is asked about the image; empty: “{DEFAULT_INSTRUCTION}”"
 
     def __init__(self, model: LlavaForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
         config = model.config

@@ -366,6 +366,7 @@ def test_threads_sharing_one_explainer_get_what_they_get_alone(tiny_llava, capti
 
 
 def test_caption_answers_the_instruction_through_the_chat_template(tiny_llava):
+    assert tiny_llava.prompt_label == "Instruction" and DEFAULT_INSTRUCTION in tiny_llava.prompt_help
     image = random_image(12)
     caption = tiny_llava.caption(image, max_new_tokens=4)
     prompt = tiny_llava.prompt_ids(image, DEFAULT_INSTRUCTION)[0].tolist()
