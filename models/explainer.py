@@ -261,6 +261,11 @@ def occlusion_blocks(geometry: ImageGeometry) -> list[list[int]]:
     return blocks
 
 
+class MissingCaptureError(RuntimeError):
+    """A module a method reads returned nothing to capture during the forward pass (attention
+    probabilities under SDPA, say: they need ``attn_implementation="eager"``)."""
+
+
 class PromptTooLongError(ValueError):
     """The prompt fills the model's token positions, leaving no room for a caption."""
 
@@ -498,6 +503,12 @@ class CaptionerExplainer(PretrainedExplainer):
             capture_outputs(method.modules, output_index=method.output_index) as captured,
         ):
             log_probs = self.teacher_forced_logits(inputs, ids)[0].float().log_softmax(dim=-1)  # (T, V)
+            missing = [name for name, value in zip(method.layer_names, captured, strict=True) if value is None]
+            if missing:
+                raise MissingCaptureError(
+                    f"{method.label}: nothing was captured at {', '.join(missing)} "
+                    "(attention probabilities need attn_implementation='eager')"
+                )
             scores = torch.stack([target(log_probs) for target in targets])  # (W,)
             # One backward pass per word over the one shared forward graph. (Batching them with
             # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.)

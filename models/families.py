@@ -13,6 +13,7 @@ from torch import nn
 
 from models.blip_explainer import BlipExplainer
 from models.explainer import CaptionerExplainer
+from models.llava_explainer import LlavaExplainer
 from models.loading import (
     ModelUnavailableError,
     ProgressCallback,
@@ -23,7 +24,7 @@ from models.loading import (
     source_name,
 )
 
-CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer,)
+CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer, LlavaExplainer)
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"
 

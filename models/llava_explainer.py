@@ -1,0 +1,217 @@
+"""LLaVA-1.5: a CLIP vision tower whose projected patch tokens are written into a Llama
+language model's sequence at the image-token positions (no cross-attention).
+
+What differs from the other families: captions come through the processor's chat template with
+an instruction, and only the answer is explainable; the one teacher-forced sequence holds BOS,
+template, one image token per patch (the processor expands "<image>"), instruction and answer,
+and position ``p - 1`` scores the id at ``p`` across all of them. A word's rows of the language
+model's self-attention, at the image-token columns, play the part BLIP's cross-attention plays,
+and need eager attention (SDPA returns none). The vision tower feeds the projector from
+``vision_feature_layer`` (-2: the layers above it get no gradient, so the vision methods read
+only the layers that reach the language model), dropping CLS under the "default" strategy. The
+processor resizes the short side and centre-crops, like CLIP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
+from models.denormals import in_denormal_mode
+from models.explainer import (
+    Caption,
+    CaptionerExplainer,
+    GradientMethod,
+    LayerRelevance,
+    Method,
+    MissingCaptureError,
+    OcclusionMethod,
+    patch_token_relevance,
+)
+from utils.patch_utils import ImageGeometry, centre_crop_geometry
+
+DEFAULT_INSTRUCTION = "Describe this image in one sentence."
+
+VISION_METHOD_LABELS = {
+    "hirescam": "HiResCAM (gradient x activation), vision layers",
+    "gradcam": "Grad-CAM (averaged gradients), vision layers",
+}
+
+
+def image_token_attention_relevance(image_token_id: int, first_patch_token: int) -> LayerRelevance:
+    """Gradient x attention from the rows that predict each word (row t - 1 predicts id t) to
+    the image-token columns of the language model's sequence, summed over the word's pieces
+    and averaged over heads.
+
+    Args:
+        image_token_id: the id the processor writes once per image token.
+        first_patch_token: image tokens before it are not patches (a CLS kept by the "full"
+            feature strategy).
+    """
+
+    def relevance(attention, gradients, caption: Caption, word_indices):  # (1, H, Q, K), (W, 1, H, Q, K)
+        columns = [position for position, token_id in enumerate(caption.token_ids) if token_id == image_token_id]
+        columns = torch.tensor(columns[first_patch_token:], device=attention.device)
+        maps = []
+        for slot, index in enumerate(word_indices):
+            word = caption.words[index]
+            rows = slice(word.start - 1, word.end - 1)
+            per_piece = gradient_attention(
+                attention[0, :, rows].transpose(0, 1), gradients[slot, 0, :, rows].transpose(0, 1)
+            )  # (pieces, keys)
+            maps.append(per_piece.sum(dim=0)[columns])
+        return torch.stack(maps)
+
+    return relevance
+
+
+class LlavaExplainer(CaptionerExplainer):
+    """LLaVA-1.5 (``LlavaForConditionalGeneration``) explained word by word.
+
+    The language model is switched to eager attention on construction (the model is then this
+    explainer's; its vision tower keeps its own implementation), and refused if that fails.
+    """
+
+    model_class = LlavaForConditionalGeneration
+    processor_class = AutoProcessor
+    model_types = ("llava",)
+    demo_component = "blip"  # no bundled LLaVA demo: "shapes-demo" stays the BLIP one
+    # The family's analogue of BLIP's default (gradient x cross-attention, mean over layers).
+    default_method = "attention"
+    prompt_label = "Instruction"
+    prompt_help = f"What the model is asked about the image; empty: “{DEFAULT_INSTRUCTION}”"
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
+        config = model.config
+        model.set_attn_implementation({"text_config": "eager"})
+        if config.text_config._attn_implementation != "eager":
+            raise MissingCaptureError(
+                f"the language model uses {config.text_config._attn_implementation!r} attention, "
+                "which returns no attention probabilities; eager attention is needed"
+            )
+        image_processor = processor.image_processor
+        if getattr(image_processor, "do_pad", False) or not getattr(image_processor, "do_center_crop", False):
+            raise ValueError("only LLaVA-1.5's resize-and-centre-crop image processing is supported")
+        self.image_token_id = config.image_token_id
+        tower = model.model.vision_tower
+        layers = list(tower.encoder.layers)
+        # hidden_states[k] is the output of layer k - 1 (0: the embeddings); the projector reads
+        # vision_feature_layer, so deeper layers never reach the words.
+        feature_layers = config.vision_feature_layer
+        feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+        deepest = max(index % (len(layers) + 1) for index in feature_layers)
+        self.vision_layers = layers[:deepest]
+        self.attention_layers = [layer.self_attn for layer in model.model.language_model.layers]
+        # CLIP puts CLS first (SigLIP has none); the "default" strategy drops the first token
+        # before the projector, "full" writes it into the sequence as the first image token.
+        self.prefix_tokens = 1 if hasattr(tower.embeddings, "class_embedding") else 0
+        self.strategy = config.vision_feature_select_strategy
+        if self.strategy == "default" and not self.prefix_tokens:
+            raise ValueError("the 'default' feature strategy would drop a patch: this vision tower has no CLS token")
+        text_config = config.text_config
+        self.special_ids = frozenset(processor.tokenizer.all_special_ids) | {self.image_token_id} | {
+            token_id
+            for value in (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id)
+            for token_id in (value if isinstance(value, (list, tuple)) else [value])
+            if isinstance(token_id, int)
+        }
+        self.patch_size = config.vision_config.patch_size
+        crop = image_processor.crop_size
+        self.crop_shape = (crop["height"], crop["width"])
+        super().__init__(model, processor, device, flush_denormals)
+
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        return centre_crop_geometry(image_size, self.crop_shape, self.patch_size)
+
+    def build_methods(self) -> dict[str, Method]:
+        vision_count, text_count = len(self.vision_layers), len(self.attention_layers)
+        vision_names = tuple(f"vision layer {index + 1}/{vision_count}" for index in range(vision_count))
+        vision_methods = {
+            key: GradientMethod(
+                label,
+                tuple(self.vision_layers),
+                vision_names,
+                patch_token_relevance(VISION_LAYER_METHODS[key], first_patch_token=self.prefix_tokens),
+            )
+            for key, label in VISION_METHOD_LABELS.items()
+        }
+        attention = GradientMethod(
+            "Gradient x attention to the image tokens, language model layers",
+            tuple(self.attention_layers),
+            tuple(f"language model attention {index + 1}/{text_count}" for index in range(text_count)),
+            image_token_attention_relevance(
+                self.image_token_id, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0
+            ),
+            output_index=1,  # (attention output, attention probabilities)
+            pooled_name=f"language model attention, mean of all {text_count} layers",
+        )
+        return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}
+
+    def vision_tower_layers(self) -> Sequence[nn.Module]:
+        # Only those that reach the words: re-randomising a layer above vision_feature_layer
+        # would change nothing, and the sanity check would pass for the wrong reason.
+        return self.vision_layers
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Processor output for RGB images: (batch, 3, height, width) on the device, in the
+        vision tower's dtype."""
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt").pixel_values
+        return pixels.to(self.device, self.model.model.vision_tower.dtype)
+
+    def model_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values(images)}
+
+    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits
+
+    @property
+    def max_caption_tokens(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    def prompt_text(self, instruction: str) -> str:
+        """The chat-template text of one user turn (the image, then the instruction), ending
+        where the assistant's answer begins."""
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]},
+        ]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def prompt_ids(self, image: Image.Image, instruction: str) -> torch.Tensor:
+        """(1, ids) of the templated prompt, "<image>" expanded to one id per image token."""
+        # Typed "<image>" would ask for a second image: the one image comes from the template.
+        text = self.prompt_text(instruction.replace(self.processor.image_token, " ").strip())
+        return self.processor(images=[image], text=text, return_tensors="pt").input_ids.to(self.device)
+
+    def caption_from_ids(self, token_ids: Sequence[int], prompt_length: int = 1) -> Caption:
+        """As the engine's, but the text is the answer alone: an instruction and its chat
+        template are not part of the caption (the page shows it, CLIP reads it)."""
+        caption = super().caption_from_ids(token_ids, prompt_length)
+        answer = [token_id for token_id in caption.token_ids[prompt_length:] if token_id not in self.special_ids]
+        return dataclasses.replace(caption, text=self.processor.tokenizer.decode(answer).strip())
+
+    @in_denormal_mode
+    @torch.no_grad()
+    def caption(
+        self, image: Image.Image, prompt: str = "", max_new_tokens: int = 30, num_beams: int = 1
+    ) -> Caption:
+        """Answer the instruction (``prompt`` when given, else DEFAULT_INSTRUCTION) about the
+        image through the chat template; only the answer's words are explainable."""
+        prompt_ids = self.prompt_ids(image, prompt.strip() or DEFAULT_INSTRUCTION)
+        prompt_length = prompt_ids.shape[1]
+        generated = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            pixel_values=self.pixel_values([image]),
+            max_new_tokens=self.new_token_budget(prompt_length, max_new_tokens),
+            num_beams=num_beams,
+            do_sample=False,
+            # An image id in the answer would not match any image feature in the explanation.
+            suppress_tokens=[self.image_token_id],
+        )
+        return self.caption_from_ids(generated[0].tolist(), prompt_length)
