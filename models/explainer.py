@@ -487,6 +487,13 @@ class CaptionerExplainer(PretrainedExplainer):
             capture_outputs(method.modules, output_index=method.output_index) as captured,
         ):
             log_probs = self.teacher_forced_logits(inputs, ids)[0].log_softmax(dim=-1)  # (T, V)
+            silent = [name for name, value in zip(method.layer_names, captured, strict=True) if value is None]
+            if silent:
+                # An attention layer under SDPA returns None where its probabilities would be.
+                raise RuntimeError(
+                    f"{method.label}: {', '.join(silent)} returned nothing to explain in the forward pass "
+                    "(attention probabilities need attn_implementation='eager')"
+                )
             scores = torch.stack([target(log_probs) for target in targets])  # (W,)
             # One backward pass per word over the one shared forward graph. (Batching them with
             # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.)

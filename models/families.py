@@ -22,8 +22,9 @@ from models.loading import (
     resolve_model_dir,
     source_name,
 )
+from models.smolvlm_explainer import SmolVLMExplainer
 
-CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer,)
+CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer, SmolVLMExplainer)
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"
 

@@ -234,7 +234,9 @@ class SmolVLMExplainer(CaptionerExplainer):
             pooled_name=f"language model attention, mean of all {text_count} layers",
         )
         vision_methods = {
-            key: GradientMethod(label, tuple(self.vision_layers), vision_names, self.vision_relevance(VISION_LAYER_METHODS[key]))
+            key: GradientMethod(
+                label, tuple(self.vision_layers), vision_names, self.vision_relevance(VISION_LAYER_METHODS[key])
+            )
             for key, label in VISION_METHOD_LABELS.items()
         }
         return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}

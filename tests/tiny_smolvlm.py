@@ -44,7 +44,7 @@ def tiny_smolvlm_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=400,
         special_tokens=[PAD, BOS, END_OF_UTTERANCE, *IMAGE_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -61,7 +61,9 @@ def tiny_smolvlm_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_smolvlm(seed: int = 0, max_positions: int = 512) -> tuple[SmolVLMForConditionalGeneration, SmolVLMImageTextProcessor]:
+def build_tiny_smolvlm(
+    seed: int = 0, max_positions: int = 512
+) -> tuple[SmolVLMForConditionalGeneration, SmolVLMImageTextProcessor]:
     """A 3-layer vision / 2-layer Llama SmolVLM with random weights, eager attention."""
     tokenizer = tiny_smolvlm_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
