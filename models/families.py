@@ -22,9 +22,9 @@ from models.loading import (
     resolve_model_dir,
     source_name,
 )
-from models.smolvlm_explainer import SmolVLMExplainer
+from models.smolvlm_explainer import Idefics3Explainer, SmolVLMExplainer
 
-CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer, SmolVLMExplainer)
+CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer, SmolVLMExplainer, Idefics3Explainer)
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"
 

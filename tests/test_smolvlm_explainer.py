@@ -3,6 +3,8 @@ equivalences, eager attention, hooks, threads."""
 
 from __future__ import annotations
 
+import copy
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import Idefics3Processor
 
 from models.cam_methods import gradient_attention, hires_cam
 from models.families import load_captioner
 from models.hooks import capture_outputs
-from models.smolvlm_explainer import DEFAULT_INSTRUCTION, SmolVLMExplainer
+from models.smolvlm_explainer import DEFAULT_INSTRUCTION, Idefics3Explainer, SmolVLMExplainer
 from tests.conftest import random_image
 from tests.geometry_checks import MIN_WHITENESS
 from tests.tiny_smolvlm import END_OF_UTTERANCE, build_tiny_smolvlm, save_tiny_smolvlm
@@ -23,9 +26,10 @@ IMAGE_SIZE = (48, 40)  # random_image's default: 2 x 2 tiles plus the global vie
 ANSWER = " a red circle and two squares."
 
 
-@pytest.fixture(scope="module")
-def tiny_smolvlm(tmp_path_factory) -> SmolVLMExplainer:
-    folder = save_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm"))
+@pytest.fixture(scope="module", params=["smolvlm", "idefics3"])
+def tiny_smolvlm(request, tmp_path_factory) -> SmolVLMExplainer:
+    """Every test runs on both names of the architecture, loaded from their folders."""
+    folder = save_tiny_smolvlm(tmp_path_factory.mktemp(f"tiny_{request.param}"), model_type=request.param)
     return load_captioner(str(folder), device="cpu")
 
 
@@ -54,7 +58,8 @@ def logits_of(explainer, image, ids, pixel_values=None) -> torch.Tensor:
 
 
 def test_loaded_through_its_config_with_eager_attention_in_every_language_layer(tiny_smolvlm, caption):
-    assert type(tiny_smolvlm) is SmolVLMExplainer
+    expected = {"smolvlm": SmolVLMExplainer, "idefics3": Idefics3Explainer}[tiny_smolvlm.model.config.model_type]
+    assert type(tiny_smolvlm) is expected
     inputs = tiny_smolvlm.model_inputs([random_image(0)])
     with capture_outputs(tiny_smolvlm.attentions, output_index=1) as captured, torch.no_grad():
         tiny_smolvlm.teacher_forced_logits(inputs, torch.tensor([caption.token_ids]))
@@ -311,3 +316,47 @@ def test_threads_sharing_one_explainer_get_bit_equal_results(tiny_smolvlm, capti
         for got in results[index]:
             assert got.score == expected.score
             np.testing.assert_array_equal(got.cam_patches, expected.cam_patches)
+
+
+@pytest.mark.parametrize("image_size", [(48, 40), (96, 40), (16, 16)])
+def test_prompt_and_pixels_are_what_transformers_own_processor_makes(tiny_smolvlm, image_size):
+    """Idefics3Processor (the processor of SmolVLM-256M's checkpoints; SmolVLMProcessor needs a
+    video processor and num2words, absent here) writes the same ids and the same pixels."""
+    ours = tiny_smolvlm.processor
+    theirs = Idefics3Processor(
+        image_processor=ours.image_processor,
+        tokenizer=copy.deepcopy(ours.tokenizer),  # it adds tokens to the tokenizer it is given
+        image_seq_len=tiny_smolvlm.tokens_per_tile,
+        chat_template=ours.chat_template,
+    )
+    image = random_image(30, image_size)
+    expected = theirs(text=[ours.prompt_text(DEFAULT_INSTRUCTION)], images=[[image]], return_tensors="pt")
+    assert tiny_smolvlm.prompt_ids(image, DEFAULT_INSTRUCTION) == expected["input_ids"][0].tolist()
+    inputs = tiny_smolvlm.model_inputs([image])
+    torch.testing.assert_close(inputs["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
+    torch.testing.assert_close(inputs["pixel_attention_mask"], expected["pixel_attention_mask"], rtol=0, atol=0)
+
+
+def test_a_folder_saved_by_transformers_processor_with_a_video_section_loads(tmp_path):
+    """The layout of the hub's checkpoints: the image processor nested in processor_config.json
+    (here beside a video processor section, as SmolVLM2 folders hold, which needs torchvision)
+    and the chat template in its own file. The image-only processor reads what it needs."""
+    model, ours = build_tiny_smolvlm(model_type="idefics3")
+    model.save_pretrained(tmp_path)
+    Idefics3Processor(
+        image_processor=ours.image_processor, tokenizer=copy.deepcopy(ours.tokenizer), image_seq_len=4,
+        chat_template=ours.chat_template,
+    ).save_pretrained(tmp_path)
+    config_file = tmp_path / "processor_config.json"
+    processor_config = json.loads(config_file.read_text())
+    assert "image_processor" in processor_config and not (tmp_path / "preprocessor_config.json").exists()
+    processor_config["video_processor"] = {"video_processor_type": "SmolVLMVideoProcessor", "fps": 1}
+    config_file.write_text(json.dumps(processor_config))
+    explainer = load_captioner(str(tmp_path), device="cpu")
+    assert type(explainer) is Idefics3Explainer
+    reference = SmolVLMExplainer(*build_tiny_smolvlm(model_type="idefics3"))
+    image = random_image(31, (96, 40))
+    assert explainer.prompt_ids(image, DEFAULT_INSTRUCTION) == reference.prompt_ids(image, DEFAULT_INSTRUCTION)
+    assert explainer.special_ids == reference.special_ids
+    caption = explainer.caption(image, max_new_tokens=3)
+    assert caption.token_ids[: caption.prompt_length] == tuple(reference.prompt_ids(image, DEFAULT_INSTRUCTION))

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerFast, SmolVLMConfig, SmolVLMForConditionalGeneration
+from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+)
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
@@ -61,10 +68,19 @@ def tiny_smolvlm_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+# model_type -> (config class, model class): SmolVLM's architecture under both its names
+# (HuggingFaceTB/SmolVLM-256M-Instruct is an "idefics3" checkpoint, SmolVLM2 a "smolvlm" one).
+ARCHITECTURES = {
+    "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration),
+    "idefics3": (Idefics3Config, Idefics3ForConditionalGeneration),
+}
+
+
 def build_tiny_smolvlm(
-    seed: int = 0, max_positions: int = 512
-) -> tuple[SmolVLMForConditionalGeneration, SmolVLMImageTextProcessor]:
-    """A 3-layer vision / 2-layer Llama SmolVLM with random weights, eager attention."""
+    seed: int = 0, max_positions: int = 512, model_type: str = "smolvlm"
+) -> tuple[SmolVLMForConditionalGeneration | Idefics3ForConditionalGeneration, SmolVLMImageTextProcessor]:
+    """A 3-layer vision / 2-layer Llama SmolVLM (or Idefics3) with random weights, eager attention."""
+    config_class, model_class = ARCHITECTURES[model_type]
     tokenizer = tiny_smolvlm_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     text_config = LlamaConfig(
@@ -79,7 +95,7 @@ def build_tiny_smolvlm(
         eos_token_id=ids(END_OF_UTTERANCE),
         pad_token_id=ids(PAD),
     )
-    config = SmolVLMConfig(
+    config = config_class(
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
@@ -95,7 +111,7 @@ def build_tiny_smolvlm(
     )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.generation_config.eos_token_id = ids(END_OF_UTTERANCE)
     model.generation_config.pad_token_id = ids(PAD)
     model.generation_config.bos_token_id = ids(BOS)
