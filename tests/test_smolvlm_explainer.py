@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import Idefics3Processor
 
 from models.cam_methods import gradient_attention, hires_cam
+from models.explainer import PromptTooLongError
 from models.families import load_captioner
 from models.hooks import capture_outputs
 from models.smolvlm_explainer import DEFAULT_INSTRUCTION, Idefics3Explainer, SmolVLMExplainer
@@ -101,6 +102,9 @@ def test_caption_answers_the_instruction_through_the_chat_template(tiny_smolvlm)
     asked = tiny_smolvlm.caption(image, prompt="What colour is the square?", max_new_tokens=3)
     asked_prompt = tokenizer.decode(asked.token_ids[: asked.prompt_length])
     assert "What colour is the square?" in asked_prompt and DEFAULT_INSTRUCTION not in asked_prompt
+    beams = tiny_smolvlm.caption(image, max_new_tokens=3, num_beams=2)
+    assert beams.token_ids[: beams.prompt_length] == caption.token_ids[: caption.prompt_length]
+    assert beams.prompt_length < len(beams.token_ids) <= beams.prompt_length + 3
 
 
 def test_logits_before_a_token_score_it(tiny_smolvlm, caption):
@@ -360,3 +364,26 @@ def test_a_folder_saved_by_transformers_processor_with_a_video_section_loads(tmp
     assert explainer.special_ids == reference.special_ids
     caption = explainer.caption(image, max_new_tokens=3)
     assert caption.token_ids[: caption.prompt_length] == tuple(reference.prompt_ids(image, DEFAULT_INSTRUCTION))
+
+
+def test_generation_stops_at_the_models_position_limit_and_a_full_prompt_is_refused():
+    model, processor = build_tiny_smolvlm()
+    image = random_image(9)
+    prompt_length = len(SmolVLMExplainer(model, processor).prompt_ids(image, DEFAULT_INSTRUCTION))
+    model, processor = build_tiny_smolvlm(max_positions=prompt_length + 3)
+    model.lm_head.weight.data.zero_()  # every logit 0: greedy writes id 0, never the end of utterance
+    explainer = SmolVLMExplainer(model, processor)
+    caption = explainer.caption(image, max_new_tokens=60)
+    assert caption.token_ids[prompt_length:] == (0, 0, 0)
+    with pytest.raises(PromptTooLongError, match="Shorten the prompt"):
+        explainer.caption(image, prompt="Describe this image in one sentence, please, with many words.")
+
+
+def test_the_sanity_checks_randomised_copy_changes_the_vision_maps_only_on_the_copy(tiny_smolvlm, caption):
+    image = random_image(12)
+    (before,) = tiny_smolvlm.explain(image, caption, [1], "hirescam")
+    randomised = tiny_smolvlm.randomised_copy(top_layers=2, seed=0)
+    (after,) = randomised.explain(image, caption, [1], "hirescam")
+    assert not np.allclose(before.cam_patches[-1], after.cam_patches[-1])
+    (again,) = tiny_smolvlm.explain(image, caption, [1], "hirescam")
+    np.testing.assert_array_equal(before.cam_patches, again.cam_patches)
