@@ -134,6 +134,11 @@ class SmolVLMExplainer(CaptionerExplainer):
         self.scale_factor = model.config.scale_factor
         self.tile_size = model.config.vision_config.image_size  # S: side of a tile in model pixels
         self.tile_grid = (self.tile_size // self.patch_size,) * 2  # patches of one tile (rows, columns)
+        processor_tile = _longest_edge(processor.image_processor.max_image_size)
+        if processor_tile != self.tile_size:
+            raise ValueError(
+                f"the image processor cuts {processor_tile} px tiles but the vision tower reads {self.tile_size} px"
+            )
         self.tokens_per_tile = (self.tile_grid[0] // self.scale_factor) * (self.tile_grid[1] // self.scale_factor)
         self.image_token_id = model.config.image_token_id
         tokenizer = processor.tokenizer
