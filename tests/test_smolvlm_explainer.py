@@ -71,9 +71,13 @@ def test_loaded_through_its_config_with_eager_attention_in_every_language_layer(
         torch.testing.assert_close(attention.sum(-1), torch.ones_like(attention.sum(-1)))
 
 
-def test_a_model_without_attention_probabilities_fails_loudly(caption):
+def test_the_explainer_asks_for_eager_attention_and_fails_loudly_without_it(caption):
     model, processor = build_tiny_smolvlm()
+    model.set_attn_implementation({"text_config": "sdpa"})  # as transformers loads it by default
     explainer = SmolVLMExplainer(model, processor)
+    assert model.config.text_config._attn_implementation == "eager"
+    (maps,) = explainer.explain(random_image(0), caption, word_indices=[0], method="attention")
+    assert maps.cam_patches.max() > 0
     model.set_attn_implementation({"text_config": "sdpa"})  # as if someone switched it back
     with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
         explainer.explain(random_image(0), caption, word_indices=[0], method="attention")
