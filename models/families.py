@@ -23,8 +23,14 @@ from models.loading import (
     resolve_model_dir,
     source_name,
 )
+from models.smolvlm_explainer import Idefics3Explainer, SmolVLMExplainer
 
-CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer, LlavaExplainer)
+CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
+    BlipExplainer,
+    LlavaExplainer,
+    SmolVLMExplainer,
+    Idefics3Explainer,
+)
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"
 
