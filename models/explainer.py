@@ -266,6 +266,12 @@ class MissingCaptureError(RuntimeError):
     probabilities under SDPA, say: they need ``attn_implementation="eager"``)."""
 
 
+# Chat models caption by answering an instruction; the page's prompt box replaces it.
+DEFAULT_INSTRUCTION = "Describe this image in one sentence."
+INSTRUCTION_LABEL = "Instruction"
+INSTRUCTION_HELP = f"What the model is asked about the image; empty: “{DEFAULT_INSTRUCTION}”"
+
+
 class PromptTooLongError(ValueError):
     """The prompt fills the model's token positions, leaving no room for a caption."""
 

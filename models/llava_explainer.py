@@ -25,6 +25,9 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
 from models.denormals import in_denormal_mode
 from models.explainer import (
+    DEFAULT_INSTRUCTION,
+    INSTRUCTION_HELP,
+    INSTRUCTION_LABEL,
     Caption,
     CaptionerExplainer,
     GradientMethod,
@@ -35,8 +38,6 @@ from models.explainer import (
     patch_token_relevance,
 )
 from utils.patch_utils import ImageGeometry, centre_crop_geometry
-
-DEFAULT_INSTRUCTION = "Describe this image in one sentence."
 
 VISION_METHOD_LABELS = {
     "hirescam": "HiResCAM (gradient x activation), vision layers",
@@ -84,8 +85,8 @@ class LlavaExplainer(CaptionerExplainer):
     demo_component = "blip"  # no bundled LLaVA demo: "shapes-demo" stays the BLIP one
     # The family's analogue of BLIP's default (gradient x cross-attention, mean over layers).
     default_method = "attention"
-    prompt_label = "Instruction"
-    prompt_help = f"What the model is asked about the image; empty: “{DEFAULT_INSTRUCTION}”"
+    prompt_label = INSTRUCTION_LABEL
+    prompt_help = INSTRUCTION_HELP
 
     def __init__(self, model: LlavaForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
         config = model.config

@@ -41,6 +41,8 @@ SHAPES_DEMO_DIR = Path(__file__).resolve().parent / "shapes_demo"
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
 BLIP_LARGE = "Salesforce/blip-image-captioning-large"
 CLIP_BASE = "openai/clip-vit-base-patch32"
+SMOLVLM_256M = "HuggingFaceTB/SmolVLM-256M-Instruct"  # the chat model small enough for a CPU
+LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
 HUB_PROBE_TIMEOUT_S = 3.0
 # Config, processor and tokenizer files: everything a checkpoint needs besides its weights.
 COMPANION_PATTERNS = ["*.json", "*.txt", "*.model"]
@@ -74,6 +76,8 @@ def model_choices(local_captioner_dir: str | None = None, local_clip_dir: str | 
     choices = [
         ModelChoice("BLIP base + CLIP B/32", BLIP_BASE, CLIP_BASE),
         ModelChoice("BLIP large + CLIP B/32", BLIP_LARGE, CLIP_BASE),
+        ModelChoice("SmolVLM 256M Instruct + CLIP B/32", SMOLVLM_256M, CLIP_BASE),
+        ModelChoice("LLaVA-1.5 7B + CLIP B/32", LLAVA_15_7B, CLIP_BASE),
         SHAPES_DEMO_CHOICE,
     ]
     if local_captioner_dir:

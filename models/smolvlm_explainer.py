@@ -44,6 +44,9 @@ from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_stri
 from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
 from models.denormals import in_denormal_mode
 from models.explainer import (
+    DEFAULT_INSTRUCTION,
+    INSTRUCTION_HELP,
+    INSTRUCTION_LABEL,
     Caption,
     CaptionerExplainer,
     GradientMethod,
@@ -53,7 +56,6 @@ from models.explainer import (
 )
 from utils.patch_utils import ImageGeometry, squash_geometry, tiled_geometry
 
-DEFAULT_INSTRUCTION = "Describe this image in one sentence."
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
@@ -118,6 +120,8 @@ class SmolVLMExplainer(CaptionerExplainer):
     model_types = ("smolvlm",)
     demo_component = "blip"  # no bundled SmolVLM demo: "shapes-demo" stays BLIP
     default_method = "attention"
+    prompt_label = INSTRUCTION_LABEL
+    prompt_help = INSTRUCTION_HELP
 
     def __init__(self, model, processor, device=None, flush_denormals: bool = True):
         text_config = model.config.text_config

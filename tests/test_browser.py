@@ -163,7 +163,7 @@ def test_the_longest_generation_and_a_too_long_prompt_keep_the_page(explained_pa
     wait_idle(page)
     expect(tokens).to_have_attribute("max", "31")  # the demo's 32 positions, less BOS
     expect(tokens).to_have_value("31")
-    prompt = page.get_by_label("Prompt (conditional captioning)")
+    prompt = page.get_by_role("textbox", name="Prompt (conditional captioning)")
     prompt.fill("a red circle and a blue square above the green triangle x")
     prompt.press("Enter")
     wait_idle(page)

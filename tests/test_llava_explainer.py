@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from models.cam_methods import gradient_attention, hires_cam
-from models.explainer import MissingCaptureError, PromptTooLongError
+from models.explainer import DEFAULT_INSTRUCTION, MissingCaptureError, PromptTooLongError
 from models.families import explainer_for_model, load_captioner
-from models.llava_explainer import DEFAULT_INSTRUCTION, LlavaExplainer
+from models.llava_explainer import LlavaExplainer
 from tests.conftest import random_image
 from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
 from tests.tiny_llava import (

@@ -531,3 +531,12 @@ def test_a_hub_model_too_large_for_this_machine_is_refused_before_its_weights_do
     with pytest.raises(ModelUnavailableError, match=f"{BIN_ONLY_REPO} needs about .* GB free"):
         resolve_model_dir(BIN_ONLY_REPO, "blip")
     assert bin_only_hub.downloads == [], "nothing was downloaded"
+
+
+def test_the_menu_offers_a_checkpoint_of_every_hub_family_and_the_demo():
+    sources = [choice.captioner_source for choice in loading.model_choices()]
+    assert sources == [
+        loading.BLIP_BASE, loading.BLIP_LARGE, loading.SMOLVLM_256M, loading.LLAVA_15_7B, loading.SHAPES_DEMO
+    ]
+    with_folder = loading.model_choices("/srv/models/my-smolvlm", None)
+    assert with_folder[-1].label == "Local folder: my-smolvlm" and with_folder[-1].clip_source == loading.CLIP_BASE
