@@ -1,0 +1,45 @@
+"""The whole page on every chat family, through a server-side folder (tiny models, offline)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.app_helpers import click, pick_example, start_app
+from tests.tiny_llava import build_tiny_llava
+from tests.tiny_models import save_tiny
+from tests.tiny_smolvlm import save_tiny_smolvlm
+from utils.shapes_world import generate_scene
+
+EXAMPLE_SEED = 99999
+SCENE = generate_scene(EXAMPLE_SEED)
+EXAMPLE_NAME = f"scene_{EXAMPLE_SEED}_{SCENE.caption.replace(' ', '-')}.png"
+
+
+def save_family(family: str, folder):
+    if family == "llava":
+        return save_tiny(*build_tiny_llava(), folder)
+    return save_tiny_smolvlm(folder, model_type=family)
+
+
+@pytest.mark.parametrize("family", ["llava", "smolvlm", "idefics3"])
+def test_caption_heatmap_causal_test_metrics_video_and_report_work_for_the_family(family, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLM_EXPLAINER_CAPTIONER_DIR", str(save_family(family, tmp_path / family)))
+    app = start_app()
+    local = next(label for label in app.sidebar.selectbox(key="model_label").options if label.startswith("Local"))
+    app.sidebar.selectbox(key="model_label").set_value(local).run()
+    assert not app.exception, app.exception
+    assert [box.label for box in app.sidebar.text_input] == ["Instruction"]
+    pick_example(app, EXAMPLE_NAME)
+    assert not app.exception, app.exception
+    assert app.selectbox(key="method").value == "attention"
+    assert len(app.button_group) == 1 and app.button_group[0].options, "the answer's words are offered"
+    click(app, 2, 2, SCENE.image.width, unix_time=1.0)
+    click(app, 60, 60, SCENE.image.width, unix_time=2.0)
+    app.button(key="regenerate").click().run()
+    assert not app.exception, app.exception
+    assert any(markdown.value.startswith("**After:**") for markdown in app.markdown)
+    app.button(key="measure").click().run()
+    app.button(key="build_video").click().run()
+    app.button(key="prepare_report").click().run()
+    assert not app.exception, app.exception
+    assert app.session_state["video"] is not None and app.session_state["report"] is not None
