@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.app_helpers import click, pick_example, start_app
-from tests.tiny_llava import build_tiny_llava
-from tests.tiny_models import save_tiny
-from tests.tiny_smolvlm import save_tiny_smolvlm
+from tests.tiny_families import CHAT_FAMILIES, save_family
 from utils.shapes_world import generate_scene
 
 EXAMPLE_SEED = 99999
@@ -15,13 +13,7 @@ SCENE = generate_scene(EXAMPLE_SEED)
 EXAMPLE_NAME = f"scene_{EXAMPLE_SEED}_{SCENE.caption.replace(' ', '-')}.png"
 
 
-def save_family(family: str, folder):
-    if family == "llava":
-        return save_tiny(*build_tiny_llava(), folder)
-    return save_tiny_smolvlm(folder, model_type=family)
-
-
-@pytest.mark.parametrize("family", ["llava", "smolvlm", "idefics3"])
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
 def test_caption_heatmap_causal_test_metrics_video_and_report_work_for_the_family(family, tmp_path, monkeypatch):
     monkeypatch.setenv("VLM_EXPLAINER_CAPTIONER_DIR", str(save_family(family, tmp_path / family)))
     app = start_app()
