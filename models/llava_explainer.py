@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
+from models.cam_methods import VISION_LAYER_METHODS, gradient_attention, hires_cam
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
@@ -152,7 +152,15 @@ class LlavaExplainer(CaptionerExplainer):
             output_index=1,  # (attention output, attention probabilities)
             pooled_name=f"language model attention, mean of all {text_count} layers",
         )
-        return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}
+        # The image tokens as the language model receives them: gradient x input at the
+        # projector's output, one map (no layers: it is the boundary between the two models).
+        projector = GradientMethod(
+            "Gradient x input at the image tokens the language model reads (projector output)",
+            (self.model.model.multi_modal_projector,),
+            ("projector output",),
+            patch_token_relevance(hires_cam, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0),
+        )
+        return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         # Only those that reach the words: re-randomising a layer above vision_feature_layer
