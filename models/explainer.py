@@ -177,6 +177,10 @@ class GradientMethod:
         relevance: turns one module's output and gradients into patch relevance.
         output_index: which element of a module's tuple output to capture.
         pooled_name: if set, a last map is appended: the mean over all modules' maps, so named.
+        token_of_patch: if set, (model inputs) -> (patches,) index: for each patch of the
+            geometry, in its order, the token of ``relevance``'s output it takes (for tokens that
+            are not in row-major patch order, or that cover several patches); None when
+            ``relevance`` already returns one value per patch in the geometry's order.
     """
 
     label: str
@@ -185,6 +189,7 @@ class GradientMethod:
     relevance: LayerRelevance
     output_index: int = 0
     pooled_name: str | None = None
+    token_of_patch: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     @property
     def map_names(self) -> tuple[str, ...]:
@@ -490,6 +495,13 @@ class CaptionerExplainer(PretrainedExplainer):
             capture_outputs(method.modules, output_index=method.output_index) as captured,
         ):
             log_probs = self.teacher_forced_logits(inputs, ids)[0].log_softmax(dim=-1)  # (T, V)
+            missing = [name for name, value in zip(method.layer_names, captured, strict=True) if value is None]
+            if missing:
+                # SDPA attention returns (output, None): fail here, not with autograd's riddle.
+                raise RuntimeError(
+                    f"{method.label}: {', '.join(missing)} returned nothing to explain "
+                    "(attention probabilities need attn_implementation='eager')."
+                )
             scores = torch.stack([target(log_probs) for target in targets])  # (W,)
             # One backward pass per word over the one shared forward graph. (Batching them with
             # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.)
@@ -502,6 +514,9 @@ class CaptionerExplainer(PretrainedExplainer):
             method.relevance(activation, gradient, caption, word_indices)  # (W, patches)
             for activation, gradient in zip(captured, gradients, strict=True)
         ]
+        if method.token_of_patch is not None:
+            index = method.token_of_patch(inputs)
+            maps = [layer_map[:, index] for layer_map in maps]
         if method.pooled_name:
             # A mean rather than a sum keeps the pooled map on the layers' scale, so a colour
             # scale shared with the single layers still shows them.
