@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from models import loading
 from models.blip_explainer import BlipExplainer
 from models.clip_explainer import ClipExplainer
-from models.families import explainer_for_model, load_captioner
+from models.families import explainer_for_model, load_captioner, supported_model_types
 from models.loading import (
     HUB_BIN_PATTERNS,
     HUB_FILE_PATTERNS,
@@ -269,7 +269,7 @@ def test_a_clip_folder_named_as_the_captioner_is_said_to_hold_a_clip_model(tmp_p
         load_captioner(str(folder), device="cpu")
     message = str(refusal.value)
     assert message.startswith("my-clip holds a 'clip' model, which is not a captioner")
-    assert message.endswith("supported captioner types: blip.")
+    assert message.endswith(f"supported captioner types: {', '.join(supported_model_types())}.")
     assert str(folder.parent) not in message
 
 
