@@ -22,9 +22,9 @@ from models.loading import (
     resolve_model_dir,
     source_name,
 )
-from models.qwen2vl_explainer import Qwen2VLExplainer
+from models.qwen2vl_explainer import Qwen2_5_VLExplainer, Qwen2VLExplainer
 
-CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer, Qwen2VLExplainer)
+CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer, Qwen2VLExplainer, Qwen2_5_VLExplainer)
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"
 

@@ -26,8 +26,14 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from torch import nn
-from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.vision_utils import get_vision_window_index
 
 from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
 from models.denormals import in_denormal_mode
@@ -58,6 +64,13 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     torchvision, which this project cannot install. A checkpoint folder saved with a video
     processor section still loads: only the sections named here are read.
     """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` with its image processor and tokenizer only (see above)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
@@ -203,6 +216,11 @@ class Qwen2VLExplainer(CaptionerExplainer):
         """For each row-major patch, its index among the flattened patches (merge-block order)."""
         return merge_block_order(self._grid_shape(inputs), self.merge_size).to(self.device)
 
+    def vision_token_order(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """For each row-major patch, its token's index in the vision blocks' outputs (Qwen2-VL:
+        the flattened patches' own order)."""
+        return self.patch_order(inputs)
+
     def image_token_of_patch(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """For each row-major patch, the image token (in sequence order) that covers it."""
         return merged_token_of_patch(self._grid_shape(inputs), self.merge_size).to(self.device)
@@ -220,7 +238,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
                 tuple(self.vision_layers),
                 vision_names,
                 flattened_patch_relevance(VISION_LAYER_METHODS[key]),
-                token_of_patch=self.patch_order,
+                token_of_patch=self.vision_token_order,
             )
             for key, label in VISION_METHOD_LABELS.items()
         }
@@ -299,3 +317,38 @@ class Qwen2VLExplainer(CaptionerExplainer):
             do_sample=False,
         )
         return self.caption_from_ids(generated[0].tolist(), prompt_length)
+
+
+class Qwen2_5_VLExplainer(Qwen2VLExplainer):
+    """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): Qwen2-VL but for, in this file's terms,
+
+    | what                          | Qwen2-VL                   | Qwen2.5-VL                          |
+    | ----------------------------- | -------------------------- | ----------------------------------- |
+    | vision blocks' token order    | the flattened patches'     | merge blocks regrouped by attention |
+    |                               | (merge-block order)        | window (``get_vision_window_index``)|
+    | merger's first norm (``ln_q``)| LayerNorm                  | RMSNorm (the same zero-gradient     |
+    |                               |                            | trap: read its output)              |
+
+    Same image processor, chat template, pixels, M-RoPE positions and merged image-token order
+    (the tower undoes the window order after the merger), so captions, attention, occlusion
+    and the geometry are Qwen2-VL's.
+    """
+
+    model_class = Qwen2_5_VLForConditionalGeneration
+    processor_class = ImageOnlyQwen2_5_VLProcessor
+    model_types = ("qwen2_5_vl",)
+
+    def vision_token_order(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """For each row-major patch, its token's index in the vision blocks' outputs: the tower
+        moves whole merge blocks (``merge_size``^2 tokens) into window order."""
+        visual = self.model.model.visual
+        window_index, _ = get_vision_window_index(
+            inputs["image_grid_thw"][:1].cpu(),
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        unit = self.merge_size**2
+        slot_of_block = torch.argsort(window_index).to(self.device)  # block b sits at slot_of_block[b]
+        flattened = self.patch_order(inputs)
+        return slot_of_block[flattened // unit] * unit + flattened % unit

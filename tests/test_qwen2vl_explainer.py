@@ -1,5 +1,6 @@
-"""Qwen2-VL explainer on a tiny random Qwen2-VL: captions through the chat template, alignment in
-one long sequence, one-pass equivalences, merge-block order, geometry, hooks, threads."""
+"""Qwen2-VL and Qwen2.5-VL explainers on tiny random models: captions through the chat template,
+alignment in one long sequence, one-pass equivalences, merge-block (and window) order, geometry,
+hooks, threads. Every test runs for both families."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.vision_utils import get_vision_window_index
 
 from models.cam_methods import gradient_attention, hires_cam
 from models.families import load_captioner
 from models.hooks import capture_outputs
-from models.qwen2vl_explainer import DEFAULT_INSTRUCTION, Qwen2VLExplainer
+from models.qwen2vl_explainer import DEFAULT_INSTRUCTION, Qwen2_5_VLExplainer, Qwen2VLExplainer
 from tests.conftest import random_image
 from tests.geometry_checks import MIN_WHITENESS
 from tests.tiny_qwen2vl import (
@@ -34,15 +36,19 @@ ANSWER = "a red dog on grassy squares."
 IMAGE_SIZE = (48, 40)  # (width, height): 40 x 48 model pixels, 10 x 12 patches, 30 image tokens
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen_dir(tmp_path_factory):
-    return save_tiny_qwen2vl(*build_tiny_qwen2vl(), tmp_path_factory.mktemp("tiny_qwen2vl"))
+FAMILIES = {"qwen2_vl": Qwen2VLExplainer, "qwen2_5_vl": Qwen2_5_VLExplainer}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny_qwen_dir(request, tmp_path_factory):
+    model_type = request.param
+    return save_tiny_qwen2vl(*build_tiny_qwen2vl(model_type=model_type), tmp_path_factory.mktemp(model_type))
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tiny_qwen_dir) -> Qwen2VLExplainer:
     explainer = load_captioner(str(tiny_qwen_dir), device="cpu")
-    assert type(explainer) is Qwen2VLExplainer
+    assert type(explainer) is FAMILIES[explainer.model.config.model_type]
     return explainer
 
 
@@ -72,6 +78,22 @@ def unmerge(values: np.ndarray, grid_shape: tuple[int, int]) -> np.ndarray:
     rows, columns = grid_shape
     blocks = values.reshape(rows // MERGE_SIZE, columns // MERGE_SIZE, MERGE_SIZE, MERGE_SIZE)
     return blocks.transpose(0, 2, 1, 3).reshape(rows * columns)
+
+
+def block_outputs_in_merge_order(explainer, values: np.ndarray, image) -> np.ndarray:
+    """A vision block's per-token values in the flattened patches' order: Qwen2.5-VL's tower
+    holds merge blocks in window order, undone as the tower itself undoes it after the merger."""
+    if explainer.model.config.model_type != "qwen2_5_vl":
+        return values
+    visual = explainer.model.model.visual
+    window_index, _ = get_vision_window_index(
+        explainer.model_inputs([image])["image_grid_thw"],
+        spatial_merge_size=visual.spatial_merge_size,
+        window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )
+    units = values.reshape(-1, MERGE_SIZE**2)
+    return units[torch.argsort(window_index).numpy()].ravel()
 
 
 def grid_of(explainer, image) -> tuple[int, int]:
@@ -166,7 +188,8 @@ def test_all_vision_layers_in_one_pass_equal_one_pass_per_layer(tiny_qwen, capti
     assert len(tiny_qwen.vision_layers) == VISION_DEPTH
     for layer_index, layer in enumerate(tiny_qwen.vision_layers):
         output, gradient = one_word_pass(tiny_qwen, image, caption, 4, layer)
-        expected = unmerge(hires_cam(output, gradient).numpy(), grid)  # every token is a patch: no CLS
+        in_merge_order = block_outputs_in_merge_order(tiny_qwen, hires_cam(output, gradient).numpy(), image)
+        expected = unmerge(in_merge_order, grid)  # every token is a patch: no CLS
         np.testing.assert_allclose(maps.cam_patches[layer_index], expected, rtol=1e-4, atol=1e-9)
 
 
@@ -292,8 +315,8 @@ def test_every_language_layer_returns_attention_and_sdpa_fails_loudly(tiny_qwen,
         TEXT_LAYERS
     )
 
-    model, processor = build_tiny_qwen2vl()
-    sdpa = Qwen2VLExplainer(model, processor)
+    model, processor = build_tiny_qwen2vl(model_type=tiny_qwen.model.config.model_type)
+    sdpa = type(tiny_qwen)(model, processor)
     model.set_attn_implementation({"text_config": "sdpa"})  # as a careless later change would
     with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
         sdpa.explain(image, caption, word_indices=[1], method="attention")
@@ -363,10 +386,19 @@ def test_threads_sharing_one_explainer_get_bit_equal_results(tiny_qwen, caption)
             np.testing.assert_array_equal(got.cam_patches, expected.cam_patches)
 
 
-def test_a_hub_style_folder_with_a_video_processor_section_loads(tiny_qwen_dir):
+def test_a_hub_style_folder_with_a_video_processor_section_loads(tiny_qwen, tiny_qwen_dir):
     processor_config = json.loads((tiny_qwen_dir / "processor_config.json").read_text())
-    assert processor_config["processor_class"] == "Qwen2VLProcessor"
+    family = type(tiny_qwen)
+    assert processor_config["processor_class"] == family.processor_class.__name__.removeprefix("ImageOnly")
     assert "video_processor" in processor_config
-    explainer = Qwen2VLExplainer.from_pretrained(str(tiny_qwen_dir), device="cpu")
+    explainer = family.from_pretrained(str(tiny_qwen_dir), device="cpu")
     assert explainer.model.config.text_config._attn_implementation == "eager"
     assert not hasattr(explainer.processor, "video_processor")
+
+
+def test_qwen2_5_vision_blocks_are_in_window_order(tiny_qwen):
+    """The tiny Qwen2.5-VL's windows really reorder its tokens (else its vision tests would not
+    tell the two orders apart); Qwen2-VL's blocks keep the flattened patches' order."""
+    inputs = tiny_qwen.model_inputs([random_image(0, IMAGE_SIZE)])
+    same = torch.equal(tiny_qwen.vision_token_order(inputs), tiny_qwen.patch_order(inputs))
+    assert same == (tiny_qwen.model.config.model_type == "qwen2_vl")

@@ -1,4 +1,4 @@
-"""A tiny Qwen2-VL built from a small config, with a byte-level BPE tokenizer trained offline.
+"""A tiny Qwen2-VL (or Qwen2.5-VL) built from a small config, with a byte-level BPE tokenizer trained offline.
 
 Built as transformers' Qwen2VL model tester builds its models (tiny vision tower and language
 model, ``mrope_section`` summing to half the head size), then saved with ``save_pretrained`` so
@@ -12,10 +12,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from models.qwen2vl_explainer import ImageOnlyQwen2VLProcessor
+from models.qwen2vl_explainer import ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen2VLProcessor
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -72,20 +78,36 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
     return built
 
 
-def build_tiny_qwen2vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor]:
-    """A 3-block vision tower (patch 4, merge 2) and a 2-layer language model, random weights."""
+def _vision_config(model_type: str) -> dict:
+    shared = dict(
+        depth=VISION_DEPTH, num_heads=4, patch_size=PATCH_SIZE, spatial_merge_size=MERGE_SIZE, temporal_patch_size=2
+    )
+    if model_type == "qwen2_vl":
+        return dict(shared, embed_dim=32, hidden_size=32, mlp_ratio=2)
+    # Qwen2.5-VL: windows of 2 x 2 merged tokens (16 model pixels) in every block but the second.
+    return dict(
+        shared, hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1]
+    )
+
+
+MODEL_CLASSES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor, "Qwen2VLProcessor"),
+    "qwen2_5_vl": (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        ImageOnlyQwen2_5_VLProcessor,
+        "Qwen2_5_VLProcessor",
+    ),
+}
+
+
+def build_tiny_qwen2vl(seed: int = 0, model_type: str = "qwen2_vl"):
+    """A 3-block vision tower (patch 4, merge 2) and a 2-layer language model, random weights;
+    ``model_type`` "qwen2_vl" or "qwen2_5_vl". Returns (model, image-only processor)."""
+    config_class, model_class, processor_class, _ = MODEL_CLASSES[model_type]
     tokenizer = tiny_qwen_tokenizer()
-    config = Qwen2VLConfig(
-        vision_config=dict(
-            depth=VISION_DEPTH,
-            embed_dim=32,
-            hidden_size=32,
-            num_heads=4,
-            mlp_ratio=2,
-            patch_size=PATCH_SIZE,
-            spatial_merge_size=MERGE_SIZE,
-            temporal_patch_size=2,
-        ),
+    config = config_class(
+        vision_config=_vision_config(model_type),
         text_config=dict(
             vocab_size=len(tokenizer),
             hidden_size=32,
@@ -106,7 +128,7 @@ def build_tiny_qwen2vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, 
         vision_end_token_id=VISION_END_ID,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
     image_processor = Qwen2VLImageProcessorPil(
@@ -116,20 +138,19 @@ def build_tiny_qwen2vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, 
         min_pixels=MIN_PIXELS,
         max_pixels=MAX_PIXELS,
     )
-    processor = ImageOnlyQwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
-    )
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     return model.requires_grad_(False), processor
 
 
 def save_tiny_qwen2vl(model, processor, folder: Path) -> Path:
-    """Save as the hub's Qwen2-VL folders are: the processor named ``Qwen2VLProcessor``, with a
-    video processor section (which the image-only processor must skip, torchvision being absent)."""
+    """Save as the hub's Qwen2-VL folders are: the processor named by its class (``Qwen2VLProcessor``),
+    with a video processor section (which the image-only processor must skip, torchvision being absent)."""
+    processor_name = MODEL_CLASSES[model.config.model_type][3]
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     config_path = folder / "processor_config.json"
     processor_config = json.loads(config_path.read_text())
-    processor_config["processor_class"] = "Qwen2VLProcessor"
+    processor_config["processor_class"] = processor_name
     processor_config["video_processor"] = {
         **processor_config["image_processor"],
         "video_processor_type": "Qwen2VLVideoProcessor",
