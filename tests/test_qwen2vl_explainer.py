@@ -103,6 +103,7 @@ def grid_of(explainer, image) -> tuple[int, int]:
 
 def test_answer_words_only_and_special_ids(tiny_qwen, caption):
     assert [word.text for word in caption.words] == ["a", "red", "dog", "on", "grassy", "squares", "."]
+    assert caption.text == ANSWER, "the caption is the answer, without the template or the instruction"
     assert all(word.start >= caption.prompt_length for word in caption.words)
     assert caption.token_ids[-1] == IM_END_ID
     grassy = caption.words[4]
@@ -402,3 +403,28 @@ def test_qwen2_5_vision_blocks_are_in_window_order(tiny_qwen):
     inputs = tiny_qwen.model_inputs([random_image(0, IMAGE_SIZE)])
     same = torch.equal(tiny_qwen.vision_token_order(inputs), tiny_qwen.patch_order(inputs))
     assert same == (tiny_qwen.model.config.model_type == "qwen2_vl")
+
+
+def test_the_app_captions_and_explains_with_a_local_qwen_folder(tmp_path):
+    """The page through AppTest on a tiny Qwen2-VL named by the server's local-folder setting:
+    the instruction box, the default method, a heatmap, then the causal test, without an error."""
+    from tests.app_helpers import pick_example, start_app
+    from tests.tiny_models import build_tiny_clip, save_tiny
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLM_EXPLAINER_CAPTIONER_DIR", str(save_tiny_qwen2vl(*build_tiny_qwen2vl(), tmp_path / "qwen")))
+        patch.setenv("VLM_EXPLAINER_CLIP_DIR", str(save_tiny(*build_tiny_clip(), tmp_path / "clip")))
+        app = start_app()
+        local = next(label for label in app.sidebar.selectbox(key="model_label").options if label.startswith("Local"))
+        app.sidebar.selectbox(key="model_label").set_value(local).run()
+        assert not app.exception, app.exception
+        assert [box.label for box in app.sidebar.text_input] == ["Instruction"]
+        pick_example(app, "photo_chelsea.jpg")  # 451 x 300: not square
+        assert not app.exception, app.exception
+        assert "Describe this image" not in app.subheader[0].value, "the caption heading shows the answer alone"
+        assert app.selectbox(key="method").value == "attention"
+        assert len(app.get("image")) >= 1
+        app.slider(key="auto_fraction").set_value(25).run()
+        app.button(key="auto_region").click().run()
+        app.button(key="regenerate").click().run()
+        assert not app.exception, app.exception
