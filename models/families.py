@@ -22,9 +22,14 @@ from models.loading import (
     resolve_model_dir,
     source_name,
 )
-from models.qwen2vl_explainer import Qwen2_5_VLExplainer, Qwen2VLExplainer
+from models.qwen2vl_explainer import Qwen2_5_VLExplainer, Qwen2VLExplainer, Qwen3VLExplainer
 
-CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (BlipExplainer, Qwen2VLExplainer, Qwen2_5_VLExplainer)
+CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
+    BlipExplainer,
+    Qwen2VLExplainer,
+    Qwen2_5_VLExplainer,
+    Qwen3VLExplainer,
+)
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"
 

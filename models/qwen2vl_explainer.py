@@ -32,6 +32,8 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_window_index
@@ -72,6 +74,13 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` with its image processor and tokenizer only (see above)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` with its image processor and tokenizer only (see above)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
@@ -159,7 +168,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
         # The last block's raw output feeds only the merger's LayerNorm, whose input gradient is
         # orthogonal to its input: gradient x activation is exactly zero there (as BLIP's last
         # layer). The normalised output is what the merger reads: use that instead.
-        self.vision_layers = [*vision.blocks[:-1], vision.merger.ln_q]
+        self.vision_layers = [*vision.blocks[:-1], self.merger_norm(vision)]
         self.attentions = [layer.self_attn for layer in model.model.language_model.layers]
         self.image_token_id = config.image_token_id
         image_processor = processor.image_processor
@@ -172,8 +181,10 @@ class Qwen2VLExplainer(CaptionerExplainer):
                 f"model's {model_sizes[0]} x {model_sizes[1]}"
             )
         tokenizer = processor.tokenizer
-        eos = config.text_config.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        eos_ids: set[int | None] = set()
+        # The text config names EOS for Qwen2-VL and Qwen2.5-VL, the generation config for all.
+        for eos in (getattr(config.text_config, "eos_token_id", None), model.generation_config.eos_token_id):
+            eos_ids.update(eos if isinstance(eos, list) else [eos])
         template_ids = set(tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])) - {tokenizer.unk_token_id}
         self.special_ids = frozenset(
             {
@@ -188,6 +199,11 @@ class Qwen2VLExplainer(CaptionerExplainer):
             - {None}
         )
         super().__init__(model, processor, device, flush_denormals)
+
+    @staticmethod
+    def merger_norm(vision: nn.Module) -> nn.Module:
+        """The merger's per-patch norm, which reads the last block's output."""
+        return vision.merger.ln_q
 
     # ------------------------------------------------------------ geometry
 
@@ -361,3 +377,26 @@ class Qwen2_5_VLExplainer(Qwen2VLExplainer):
         slot_of_block = torch.argsort(window_index).to(self.device)  # block b sits at slot_of_block[b]
         flattened = self.patch_order(inputs)
         return slot_of_block[flattened // unit] * unit + flattened % unit
+
+
+class Qwen3VLExplainer(Qwen2VLExplainer):
+    """Qwen3-VL (``Qwen3VLForConditionalGeneration``): Qwen2-VL's pixels, token order, chat
+    template and M-RoPE image positions (patches of 16 model pixels, so multiples of 32, read
+    from its processor like every size here), but
+
+    | what                        | Qwen2-VL              | Qwen3-VL                                  |
+    | --------------------------- | --------------------- | ----------------------------------------- |
+    | merger's per-patch norm     | ``merger.ln_q``       | ``merger.norm``                           |
+    | vision features the LM gets | the merger's output   | also "deepstack" features of a few blocks,|
+    |                             |                       | added to the first LM layers' image tokens|
+
+    Deepstack changes no method here: a block's gradient counts every path to the word.
+    """
+
+    model_class = Qwen3VLForConditionalGeneration
+    processor_class = ImageOnlyQwen3VLProcessor
+    model_types = ("qwen3_vl",)
+
+    @staticmethod
+    def merger_norm(vision: nn.Module) -> nn.Module:
+        return vision.merger.norm

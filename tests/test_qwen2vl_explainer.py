@@ -1,6 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL explainers on tiny random models: captions through the chat template,
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL explainers on tiny random models: captions through the chat template,
 alignment in one long sequence, one-pass equivalences, merge-block (and window) order, geometry,
-hooks, threads. Every test runs for both families."""
+hooks, threads. Every test runs for each of the three families."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transformers.vision_utils import get_vision_window_index
 from models.cam_methods import gradient_attention, hires_cam
 from models.families import load_captioner
 from models.hooks import capture_outputs
-from models.qwen2vl_explainer import DEFAULT_INSTRUCTION, Qwen2_5_VLExplainer, Qwen2VLExplainer
+from models.qwen2vl_explainer import DEFAULT_INSTRUCTION, Qwen2_5_VLExplainer, Qwen2VLExplainer, Qwen3VLExplainer
 from tests.conftest import random_image
 from tests.geometry_checks import MIN_WHITENESS
 from tests.tiny_qwen2vl import (
@@ -36,7 +36,7 @@ ANSWER = "a red dog on grassy squares."
 IMAGE_SIZE = (48, 40)  # (width, height): 40 x 48 model pixels, 10 x 12 patches, 30 image tokens
 
 
-FAMILIES = {"qwen2_vl": Qwen2VLExplainer, "qwen2_5_vl": Qwen2_5_VLExplainer}
+FAMILIES = {"qwen2_vl": Qwen2VLExplainer, "qwen2_5_vl": Qwen2_5_VLExplainer, "qwen3_vl": Qwen3VLExplainer}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -399,10 +399,10 @@ def test_a_hub_style_folder_with_a_video_processor_section_loads(tiny_qwen, tiny
 
 def test_qwen2_5_vision_blocks_are_in_window_order(tiny_qwen):
     """The tiny Qwen2.5-VL's windows really reorder its tokens (else its vision tests would not
-    tell the two orders apart); Qwen2-VL's blocks keep the flattened patches' order."""
+    tell the two orders apart); Qwen2-VL's and Qwen3-VL's blocks keep the flattened patches' order."""
     inputs = tiny_qwen.model_inputs([random_image(0, IMAGE_SIZE)])
     same = torch.equal(tiny_qwen.vision_token_order(inputs), tiny_qwen.patch_order(inputs))
-    assert same == (tiny_qwen.model.config.model_type == "qwen2_vl")
+    assert same == (tiny_qwen.model.config.model_type != "qwen2_5_vl")
 
 
 def test_the_app_captions_and_explains_with_a_local_qwen_folder(tmp_path):

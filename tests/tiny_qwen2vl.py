@@ -18,10 +18,16 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from models.qwen2vl_explainer import ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen2VLProcessor
+from models.qwen2vl_explainer import (
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlyQwen2VLProcessor,
+    ImageOnlyQwen3VLProcessor,
+)
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -84,10 +90,39 @@ def _vision_config(model_type: str) -> dict:
     )
     if model_type == "qwen2_vl":
         return dict(shared, embed_dim=32, hidden_size=32, mlp_ratio=2)
+    if model_type == "qwen3_vl":
+        # Learnt position embeddings on a 4 x 4 grid, interpolated; block 2's output also goes
+        # straight to the first language-model layer ("deepstack").
+        return dict(
+            shared,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=32,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[1],
+        )
     # Qwen2.5-VL: windows of 2 x 2 merged tokens (16 model pixels) in every block but the second.
     return dict(
         shared, hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1]
     )
+
+
+def _text_config(model_type: str, vocabulary_size: int) -> dict:
+    config = dict(
+        vocab_size=vocabulary_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        # head size 8: the three M-RoPE sections (time, height, width) sum to 4.
+        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+        pad_token_id=PAD_ID,
+    )
+    if model_type == "qwen3_vl":  # no BOS / EOS in its text config (the generation config has EOS)
+        return dict(config, head_dim=8, rope_parameters={**config["rope_parameters"], "mrope_interleaved": True})
+    return dict(config, bos_token_id=None, eos_token_id=IM_END_ID)
 
 
 MODEL_CLASSES = {
@@ -98,30 +133,18 @@ MODEL_CLASSES = {
         ImageOnlyQwen2_5_VLProcessor,
         "Qwen2_5_VLProcessor",
     ),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, ImageOnlyQwen3VLProcessor, "Qwen3VLProcessor"),
 }
 
 
 def build_tiny_qwen2vl(seed: int = 0, model_type: str = "qwen2_vl"):
     """A 3-block vision tower (patch 4, merge 2) and a 2-layer language model, random weights;
-    ``model_type`` "qwen2_vl" or "qwen2_5_vl". Returns (model, image-only processor)."""
+    ``model_type`` "qwen2_vl", "qwen2_5_vl" or "qwen3_vl". Returns (model, image-only processor)."""
     config_class, model_class, processor_class, _ = MODEL_CLASSES[model_type]
     tokenizer = tiny_qwen_tokenizer()
     config = config_class(
         vision_config=_vision_config(model_type),
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=TEXT_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            # head size 8: the three M-RoPE sections (time, height, width) sum to 4.
-            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
-            bos_token_id=None,
-            eos_token_id=IM_END_ID,
-            pad_token_id=PAD_ID,
-        ),
+        text_config=_text_config(model_type, len(tokenizer)),
         image_token_id=IMAGE_ID,
         video_token_id=VIDEO_ID,
         vision_start_token_id=VISION_START_ID,
