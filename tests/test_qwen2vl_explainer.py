@@ -5,6 +5,7 @@ hooks, threads. Every test runs for each of the three families."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -428,3 +429,27 @@ def test_the_app_captions_and_explains_with_a_local_qwen_folder(tmp_path):
         app.button(key="auto_region").click().run()
         app.button(key="regenerate").click().run()
         assert not app.exception, app.exception
+
+
+@pytest.mark.parametrize("image_processor_type", ["Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast"])
+def test_the_hubs_older_layout_loads_with_the_pil_processor(tiny_qwen, tiny_qwen_dir, tmp_path, image_processor_type):
+    """preprocessor_config.json (naming the torchvision processor, as the Qwen checkpoints do),
+    video_preprocessor_config.json and chat_template.json instead of processor_config.json."""
+    folder = tmp_path / "hub-layout"
+    shutil.copytree(tiny_qwen_dir, folder)
+    sections = json.loads((folder / "processor_config.json").read_text())
+    (folder / "processor_config.json").unlink()
+    processor_name = sections["processor_class"]
+    image_section = dict(sections["image_processor"], image_processor_type=image_processor_type)
+    (folder / "preprocessor_config.json").write_text(json.dumps({**image_section, "processor_class": processor_name}))
+    video_section = {**sections["video_processor"], "processor_class": processor_name}
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video_section))
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+
+    explainer = load_captioner(str(folder), device="cpu")
+    assert type(explainer) is type(tiny_qwen)
+    assert type(explainer.processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    image = random_image(8, IMAGE_SIZE)
+    assert explainer.caption(image, max_new_tokens=3) == tiny_qwen.caption(image, max_new_tokens=3)
