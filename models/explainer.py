@@ -429,7 +429,11 @@ class CaptionerExplainer(PretrainedExplainer):
             positions = [positions[piece]]
         if foil is None:
             return token_log_prob_target(caption.token_ids, positions)
-        foil_ids = self.processor.tokenizer(foil.strip(), add_special_tokens=False).input_ids
+        tokenizer = self.processor.tokenizer
+        # Spelled as the word's first piece is: byte-level BPE has " red" ("Ġred") and "red" as
+        # two pieces, and a word after a space is the first.
+        leading_space = tokenizer.decode([caption.token_ids[positions[0]]])[:1].isspace()
+        foil_ids = tokenizer((" " if leading_space else "") + foil.strip(), add_special_tokens=False).input_ids
         if len(foil_ids) != 1:
             raise ValueError(f"the foil {foil!r} is not a single word piece of this model's vocabulary")
         return contrastive_target(caption.token_ids, positions[0], foil_ids[0])

@@ -159,6 +159,22 @@ def test_logits_before_a_token_score_it(tiny_qwen, caption):
     assert maps.score == pytest.approx(by_hand, abs=1e-5)
 
 
+def test_contrastive_target_compares_the_foil_spelled_as_the_word(tiny_qwen, caption):
+    """Byte-level BPE: "red" after a space is the piece "Ġred", so the foil "blue" is "Ġblue"."""
+    image = random_image(2, IMAGE_SIZE)
+    position = caption.words[1].start  # " red"
+    tokenizer = tiny_qwen.processor.tokenizer
+    assert caption.pieces[position] == "Ġred"
+    (foil_id,) = tokenizer(" blue", add_special_tokens=False).input_ids
+    assert foil_id != tokenizer("blue", add_special_tokens=False).input_ids[0]
+    with torch.no_grad():
+        logits = tiny_qwen.model(**prompt_and_answer_batch(tiny_qwen, image)).logits[0]
+    log_probs = logits[position - 1].log_softmax(-1)
+    expected = (log_probs[caption.token_ids[position]] - log_probs[foil_id]).item()
+    (maps,) = tiny_qwen.explain(image, caption, word_indices=[1], foil="blue")
+    assert maps.score == pytest.approx(expected, abs=1e-5)
+
+
 def one_word_pass(explainer, image, caption, word_index, module, output_index=0):
     """(output, gradient) of one module for one word, from a forward pass of the model's own."""
     batch = prompt_and_answer_batch(explainer, image)
