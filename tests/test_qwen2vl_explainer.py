@@ -16,6 +16,7 @@ from PIL import Image
 from transformers.vision_utils import get_vision_window_index
 
 from models.cam_methods import gradient_attention, hires_cam
+from models.explainer import PromptTooLongError
 from models.families import load_captioner
 from models.hooks import capture_outputs
 from models.qwen2vl_explainer import DEFAULT_INSTRUCTION, Qwen2_5_VLExplainer, Qwen2VLExplainer, Qwen3VLExplainer
@@ -130,6 +131,17 @@ def test_caption_goes_through_the_chat_template_with_the_instruction(tiny_qwen):
     assert "What colour is the dog?" in asked_prompt and DEFAULT_INSTRUCTION not in asked_prompt
     assert asked_prompt.endswith("<|im_start|>assistant\n")
     assert tiny_qwen.prompt_label == "Instruction" and DEFAULT_INSTRUCTION in tiny_qwen.prompt_help
+
+
+def test_generation_stops_at_the_position_limit_and_a_prompt_that_fills_it_is_refused(tiny_qwen):
+    model, processor = build_tiny_qwen2vl(model_type=tiny_qwen.model.config.model_type, max_positions=64)
+    short = type(tiny_qwen)(model, processor)
+    image = random_image(8, IMAGE_SIZE)
+    caption = short.caption(image, max_new_tokens=60)
+    assert short.max_caption_tokens == 64
+    assert caption.prompt_length == 59 and len(caption.token_ids) == 64  # no EOS: the limit ends it
+    with pytest.raises(PromptTooLongError, match="of the model's 64 token positions"):
+        short.caption(image, prompt="Describe this image in one sentence. What colour is the dog?")
 
 
 def test_logits_before_a_token_score_it(tiny_qwen, caption):

@@ -107,7 +107,7 @@ def _vision_config(model_type: str) -> dict:
     )
 
 
-def _text_config(model_type: str, vocabulary_size: int) -> dict:
+def _text_config(model_type: str, vocabulary_size: int, max_positions: int) -> dict:
     config = dict(
         vocab_size=vocabulary_size,
         hidden_size=32,
@@ -115,7 +115,7 @@ def _text_config(model_type: str, vocabulary_size: int) -> dict:
         num_hidden_layers=TEXT_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         # head size 8: the three M-RoPE sections (time, height, width) sum to 4.
         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
         pad_token_id=PAD_ID,
@@ -137,14 +137,15 @@ MODEL_CLASSES = {
 }
 
 
-def build_tiny_qwen2vl(seed: int = 0, model_type: str = "qwen2_vl"):
+def build_tiny_qwen2vl(seed: int = 0, model_type: str = "qwen2_vl", max_positions: int = 256):
     """A 3-block vision tower (patch 4, merge 2) and a 2-layer language model, random weights;
-    ``model_type`` "qwen2_vl", "qwen2_5_vl" or "qwen3_vl". Returns (model, image-only processor)."""
+    ``model_type`` "qwen2_vl", "qwen2_5_vl" or "qwen3_vl"; sequences of at most ``max_positions``
+    ids. Returns (model, image-only processor)."""
     config_class, model_class, processor_class, _ = MODEL_CLASSES[model_type]
     tokenizer = tiny_qwen_tokenizer()
     config = config_class(
         vision_config=_vision_config(model_type),
-        text_config=_text_config(model_type, len(tokenizer)),
+        text_config=_text_config(model_type, len(tokenizer), max_positions),
         image_token_id=IMAGE_ID,
         video_token_id=VIDEO_ID,
         vision_start_token_id=VISION_START_ID,
