@@ -1,4 +1,5 @@
-"""Qwen2-VL: image tokens written into the language model's sequence, read by its self-attention.
+"""Qwen2-VL (and, at the end, Qwen2.5-VL and Qwen3-VL, each a small table of differences):
+image tokens written into the language model's sequence, read by its self-attention.
 
 What differs from the other families:
 - Captions come through the processor's chat template, with an instruction ("Describe this image
@@ -17,6 +18,10 @@ Every map is in row-major *patch* order (the vision tower's patches, ``patch_siz
 each), which is what ``image_geometry`` describes. Vision-tower maps are reordered out of the
 merge-block order; a language-model token's relevance (attention) goes to each of the four
 patches of its block, as occlusion gives each patch of a block its block's drop.
+
+Thread safety: the model's forward stores M-RoPE offsets on the shared model (``rope_deltas``);
+the teacher-forced pass computes its positions itself and passes them, so it stores nothing, and
+a fresh ``generate()`` never reads what another thread stored.
 """
 
 from __future__ import annotations
