@@ -177,6 +177,10 @@ class GradientMethod:
         relevance: turns one module's output and gradients into patch relevance.
         output_index: which element of a module's tuple output to capture.
         pooled_name: if set, a last map is appended: the mean over all modules' maps, so named.
+        token_of_patch: if set, (model inputs) -> (patches,) index: for each patch of the
+            geometry, in its order, the token of ``relevance``'s output it takes (for tokens that
+            are not in row-major patch order, or that cover several patches); None when
+            ``relevance`` already returns one value per patch in the geometry's order.
     """
 
     label: str
@@ -185,6 +189,7 @@ class GradientMethod:
     relevance: LayerRelevance
     output_index: int = 0
     pooled_name: str | None = None
+    token_of_patch: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     @property
     def map_names(self) -> tuple[str, ...]:
@@ -443,7 +448,11 @@ class CaptionerExplainer(PretrainedExplainer):
             positions = [positions[piece]]
         if foil is None:
             return token_log_prob_target(caption.token_ids, positions)
-        foil_ids = self.processor.tokenizer(foil.strip(), add_special_tokens=False).input_ids
+        tokenizer = self.processor.tokenizer
+        # Spelled as the word's first piece is: byte-level BPE has " red" ("Ġred") and "red" as
+        # two pieces, and a word after a space is the first.
+        leading_space = tokenizer.decode([caption.token_ids[positions[0]]])[:1].isspace()
+        foil_ids = tokenizer((" " if leading_space else "") + foil.strip(), add_special_tokens=False).input_ids
         if len(foil_ids) != 1:
             raise ValueError(f"the foil {foil!r} is not a single word piece of this model's vocabulary")
         return contrastive_target(caption.token_ids, positions[0], foil_ids[0])
@@ -527,6 +536,9 @@ class CaptionerExplainer(PretrainedExplainer):
             method.relevance(activation, gradient, caption, word_indices)  # (W, patches)
             for activation, gradient in zip(captured, gradients, strict=True)
         ]
+        if method.token_of_patch is not None:
+            index = method.token_of_patch(inputs)
+            maps = [layer_map[:, index] for layer_map in maps]
         if method.pooled_name:
             # A mean rather than a sum keeps the pooled map on the layers' scale, so a colour
             # scale shared with the single layers still shows them.

@@ -23,6 +23,7 @@ from models.loading import (
     resolve_model_dir,
     source_name,
 )
+from models.qwen2vl_explainer import Qwen2_5_VLExplainer, Qwen2VLExplainer, Qwen3VLExplainer
 from models.smolvlm_explainer import Idefics3Explainer, SmolVLMExplainer
 
 CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
@@ -30,6 +31,9 @@ CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
     LlavaExplainer,
     SmolVLMExplainer,
     Idefics3Explainer,
+    Qwen2VLExplainer,
+    Qwen2_5_VLExplainer,
+    Qwen3VLExplainer,
 )
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"

@@ -6,13 +6,16 @@ from pathlib import Path
 
 from tests.tiny_llava import build_tiny_llava
 from tests.tiny_models import save_tiny
+from tests.tiny_qwen2vl import build_tiny_qwen2vl, save_tiny_qwen2vl
 from tests.tiny_smolvlm import save_tiny_smolvlm
 
-CHAT_FAMILIES = ("llava", "smolvlm", "idefics3")
+CHAT_FAMILIES = ("llava", "smolvlm", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def save_family(family: str, folder: Path) -> Path:
     """Save a tiny random model of ``family`` (a config ``model_type``) to ``folder``."""
     if family == "llava":
         return save_tiny(*build_tiny_llava(), folder)
+    if family.startswith("qwen"):
+        return save_tiny_qwen2vl(*build_tiny_qwen2vl(model_type=family), folder)
     return save_tiny_smolvlm(folder, model_type=family)
