@@ -221,24 +221,49 @@ def patch_token_relevance(cam_function, first_patch_token: int) -> LayerRelevanc
     return relevance
 
 
+def _word_row_attention(attention, gradients, caption, word_indices) -> torch.Tensor:
+    """(words, keys): gradient x attention from the rows that predict each word (row t - 1
+    predicts id t), summed over the word's pieces and averaged over heads.
+    ``attention`` (1, H, Q, K), ``gradients`` (W, 1, H, Q, K)."""
+    maps = []
+    for slot, index in enumerate(word_indices):
+        word = caption.words[index]
+        rows = slice(word.start - 1, word.end - 1)
+        per_piece = gradient_attention(
+            attention[0, :, rows].transpose(0, 1), gradients[slot, 0, :, rows].transpose(0, 1)
+        )  # (pieces, keys)
+        maps.append(per_piece.sum(dim=0))
+    return torch.stack(maps)
+
+
 def attention_row_relevance(first_patch_key: int) -> LayerRelevance:
-    """Gradient x attention from the rows that predict each word (row t - 1 predicts id t) to
-    the image's patch keys, summed over the word's pieces and averaged over heads.
+    """Gradient x attention from each word's rows to the image's patch keys (cross-attention,
+    whose keys are the vision tokens).
 
     Args:
         first_patch_key: keys before it are not patches (1 for a CLS token).
     """
 
-    def relevance(attention, gradients, caption, word_indices):  # (1, H, Q, K), (W, 1, H, Q, K)
-        maps = []
-        for slot, index in enumerate(word_indices):
-            word = caption.words[index]
-            rows = slice(word.start - 1, word.end - 1)
-            per_piece = gradient_attention(
-                attention[0, :, rows].transpose(0, 1), gradients[slot, 0, :, rows].transpose(0, 1)
-            )  # (pieces, keys)
-            maps.append(per_piece.sum(dim=0)[first_patch_key:])
-        return torch.stack(maps)
+    def relevance(attention, gradients, caption, word_indices):
+        return _word_row_attention(attention, gradients, caption, word_indices)[:, first_patch_key:]
+
+    return relevance
+
+
+def image_token_attention_relevance(image_token_id: int, first_patch_token: int = 0) -> LayerRelevance:
+    """Gradient x attention from each word's rows to the image-token columns of a decoder-only
+    model's sequence (self-attention over text and image tokens alike). Returns (words, image
+    tokens), in sequence order.
+
+    Args:
+        image_token_id: the id the processor writes once per image token.
+        first_patch_token: image tokens before it are not patches (a CLS kept in the sequence).
+    """
+
+    def relevance(attention, gradients, caption, word_indices):
+        columns = [position for position, token_id in enumerate(caption.token_ids) if token_id == image_token_id]
+        columns = torch.tensor(columns[first_patch_token:], device=attention.device)
+        return _word_row_attention(attention, gradients, caption, word_indices)[:, columns]
 
     return relevance
 

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from models.cam_methods import VISION_LAYER_METHODS, gradient_attention, hires_cam
+from models.cam_methods import VISION_LAYER_METHODS, hires_cam
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
@@ -31,10 +31,10 @@ from models.explainer import (
     Caption,
     CaptionerExplainer,
     GradientMethod,
-    LayerRelevance,
     Method,
     MissingCaptureError,
     OcclusionMethod,
+    image_token_attention_relevance,
     patch_token_relevance,
 )
 from utils.patch_utils import ImageGeometry, centre_crop_geometry
@@ -43,33 +43,6 @@ VISION_METHOD_LABELS = {
     "hirescam": "HiResCAM (gradient x activation), vision layers",
     "gradcam": "Grad-CAM (averaged gradients), vision layers",
 }
-
-
-def image_token_attention_relevance(image_token_id: int, first_patch_token: int) -> LayerRelevance:
-    """Gradient x attention from the rows that predict each word (row t - 1 predicts id t) to
-    the image-token columns of the language model's sequence, summed over the word's pieces
-    and averaged over heads.
-
-    Args:
-        image_token_id: the id the processor writes once per image token.
-        first_patch_token: image tokens before it are not patches (a CLS kept by the "full"
-            feature strategy).
-    """
-
-    def relevance(attention, gradients, caption: Caption, word_indices):  # (1, H, Q, K), (W, 1, H, Q, K)
-        columns = [position for position, token_id in enumerate(caption.token_ids) if token_id == image_token_id]
-        columns = torch.tensor(columns[first_patch_token:], device=attention.device)
-        maps = []
-        for slot, index in enumerate(word_indices):
-            word = caption.words[index]
-            rows = slice(word.start - 1, word.end - 1)
-            per_piece = gradient_attention(
-                attention[0, :, rows].transpose(0, 1), gradients[slot, 0, :, rows].transpose(0, 1)
-            )  # (pieces, keys)
-            maps.append(per_piece.sum(dim=0)[columns])
-        return torch.stack(maps)
-
-    return relevance
 
 
 class LlavaExplainer(CaptionerExplainer):

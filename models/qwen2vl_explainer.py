@@ -43,7 +43,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_window_index
 
-from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
+from models.cam_methods import VISION_LAYER_METHODS
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
@@ -55,6 +55,7 @@ from models.explainer import (
     LayerRelevance,
     Method,
     OcclusionMethod,
+    image_token_attention_relevance,
     patch_token_relevance,
 )
 from utils.patch_utils import ImageGeometry, aspect_resize_geometry
@@ -111,31 +112,6 @@ def merged_token_of_patch(grid_shape: tuple[int, int], merge_size: int) -> torch
     row = torch.arange(rows)[:, None]
     column = torch.arange(columns)[None, :]
     return ((row // merge_size) * (columns // merge_size) + column // merge_size).ravel()
-
-
-def image_key_attention_relevance(image_token_id: int) -> LayerRelevance:
-    """Gradient x attention from the rows that predict each word (row t - 1 predicts id t) to
-    the columns of the image tokens, summed over the word's pieces and averaged over heads.
-
-    Returns (words, image tokens), the image tokens in sequence order.
-    """
-
-    def relevance(attention, gradients, caption: Caption, word_indices):  # (1, H, Q, K), (W, 1, H, Q, K)
-        keys = torch.tensor(
-            [position for position, token in enumerate(caption.token_ids) if token == image_token_id],
-            device=attention.device,
-        )
-        maps = []
-        for slot, index in enumerate(word_indices):
-            word = caption.words[index]
-            rows = slice(word.start - 1, word.end - 1)
-            per_piece = gradient_attention(
-                attention[0, :, rows].transpose(0, 1), gradients[slot, 0, :, rows].transpose(0, 1)
-            )  # (pieces, keys)
-            maps.append(per_piece.sum(dim=0)[keys])
-        return torch.stack(maps)
-
-    return relevance
 
 
 def flattened_patch_relevance(cam_function) -> LayerRelevance:
@@ -267,7 +243,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
             "Gradient x attention to the image tokens, language model layers",
             tuple(self.attentions),
             tuple(f"language model attention {index + 1}/{text_count}" for index in range(text_count)),
-            image_key_attention_relevance(self.image_token_id),
+            image_token_attention_relevance(self.image_token_id),
             output_index=1,  # (output, attention probabilities): eager attention only
             pooled_name=f"language model attention, mean of all {text_count} layers",
             token_of_patch=self.image_token_of_patch,

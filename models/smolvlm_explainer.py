@@ -41,7 +41,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import (
 )
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
-from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
+from models.cam_methods import VISION_LAYER_METHODS
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
@@ -53,6 +53,7 @@ from models.explainer import (
     LayerRelevance,
     Method,
     OcclusionMethod,
+    image_token_attention_relevance,
 )
 from utils.patch_utils import ImageGeometry, squash_geometry, tiled_geometry
 
@@ -213,21 +214,10 @@ class SmolVLMExplainer(CaptionerExplainer):
         """Gradient x attention from the rows that predict each word (row t - 1 predicts id t)
         to the image-token columns, summed over the word's pieces, averaged over heads, and
         spread from tokens to the patches each covers."""
+        per_token = image_token_attention_relevance(self.image_token_id)
 
-        def relevance(attention, gradients, caption, word_indices):  # (1, H, Q, K), (W, 1, H, Q, K)
-            columns = torch.tensor(
-                [position for position, token_id in enumerate(caption.token_ids) if token_id == self.image_token_id],
-                device=attention.device,
-            )
-            maps = []
-            for slot, index in enumerate(word_indices):
-                word = caption.words[index]
-                rows = slice(word.start - 1, word.end - 1)
-                per_piece = gradient_attention(
-                    attention[0, :, rows].transpose(0, 1), gradients[slot, 0, :, rows].transpose(0, 1)
-                )  # (pieces, keys)
-                maps.append(per_piece.sum(dim=0)[columns])
-            return self.tokens_to_patches(torch.stack(maps))
+        def relevance(attention, gradients, caption, word_indices):
+            return self.tokens_to_patches(per_token(attention, gradients, caption, word_indices))
 
         return relevance
 
