@@ -329,6 +329,10 @@ class CaptionerExplainer(PretrainedExplainer):
     # The sidebar's text box: what the family's ``caption(prompt=...)`` does with it.
     prompt_label: ClassVar[str] = "Prompt"
     prompt_help: ClassVar[str] = ""
+    # Chat families: a caption's text is the answer alone; the template and the instruction
+    # are what the model was asked, not what it wrote (the page shows the text, CLIP reads it).
+    # Captioners whose prompt starts the caption (BLIP) keep it in the text.
+    text_is_answer_only: ClassVar[bool] = False
     patch_size: int  # side of one patch in model pixels, read from the config by the family
     special_ids: frozenset[int]  # ids that are never words (BOS, EOS, padding, image tokens ...)
 
@@ -421,7 +425,8 @@ class CaptionerExplainer(PretrainedExplainer):
         token_ids = tuple(int(token_id) for token_id in token_ids)
         pieces = tuple(tokenizer.convert_ids_to_tokens(list(token_ids)))
         words = caption_words(tokenizer, token_ids, prompt_length, self.special_ids)
-        text = tokenizer.decode([token_id for token_id in token_ids if token_id not in self.special_ids])
+        written = token_ids[prompt_length:] if self.text_is_answer_only else token_ids
+        text = tokenizer.decode([token_id for token_id in written if token_id not in self.special_ids]).strip()
         return Caption(text, token_ids, pieces, words, prompt_length)
 
     def method_label(self, method: str) -> str:

@@ -14,7 +14,6 @@ processor resizes the short side and centre-crops, like CLIP.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +59,7 @@ class LlavaExplainer(CaptionerExplainer):
     default_method = "attention"
     prompt_label = INSTRUCTION_LABEL
     prompt_help = INSTRUCTION_HELP
+    text_is_answer_only = True
 
     def __init__(self, model: LlavaForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
         config = model.config
@@ -169,13 +169,6 @@ class LlavaExplainer(CaptionerExplainer):
         # Typed "<image>" would ask for a second image: the one image comes from the template.
         text = self.prompt_text(instruction.replace(self.processor.image_token, " ").strip())
         return self.processor(images=[image], text=text, return_tensors="pt").input_ids.to(self.device)
-
-    def caption_from_ids(self, token_ids: Sequence[int], prompt_length: int = 1) -> Caption:
-        """As the engine's, but the text is the answer alone: an instruction and its chat
-        template are not part of the caption (the page shows it, CLIP reads it)."""
-        caption = super().caption_from_ids(token_ids, prompt_length)
-        answer = [token_id for token_id in caption.token_ids[prompt_length:] if token_id not in self.special_ids]
-        return dataclasses.replace(caption, text=self.processor.tokenizer.decode(answer).strip())
 
     @in_denormal_mode
     @torch.no_grad()

@@ -26,7 +26,6 @@ a fresh ``generate()`` never reads what another thread stored.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -140,6 +139,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
     default_method = "attention"
     prompt_label = INSTRUCTION_LABEL
     prompt_help = INSTRUCTION_HELP
+    text_is_answer_only = True
 
     def __init__(self, model: Qwen2VLForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
         model.set_attn_implementation({"text_config": "eager"})
@@ -296,14 +296,6 @@ class Qwen2VLExplainer(CaptionerExplainer):
         """The chat template's text for one image and the instruction, ready for the answer."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def caption_from_ids(self, token_ids: Sequence[int], prompt_length: int = 1) -> Caption:
-        """As the engine's, but the text is the answer alone: the system prompt, the template and
-        the instruction are what the model was asked, not what it wrote (the page shows the text
-        as the caption, and CLIP checks it)."""
-        caption = super().caption_from_ids(token_ids, prompt_length)
-        answer = [token for token in caption.token_ids[prompt_length:] if token not in self.special_ids]
-        return dataclasses.replace(caption, text=self.processor.tokenizer.decode(answer).strip())
 
     @in_denormal_mode
     @torch.no_grad()

@@ -123,6 +123,7 @@ class SmolVLMExplainer(CaptionerExplainer):
     default_method = "attention"
     prompt_label = INSTRUCTION_LABEL
     prompt_help = INSTRUCTION_HELP
+    text_is_answer_only = True
 
     def __init__(self, model, processor, device=None, flush_denormals: bool = True):
         text_config = model.config.text_config

@@ -24,6 +24,7 @@ def test_caption_heatmap_causal_test_metrics_video_and_report_work_for_the_famil
     pick_example(app, EXAMPLE_NAME)
     assert not app.exception, app.exception
     assert app.selectbox(key="method").value == "attention"
+    assert "Describe this image" not in app.subheader[0].value, "the caption is the answer, not the question"
     assert len(app.button_group) == 1 and app.button_group[0].options, "the answer's words are offered"
     click(app, 2, 2, SCENE.image.width, unix_time=1.0)
     click(app, 60, 60, SCENE.image.width, unix_time=2.0)
