@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from models.explainer import PromptTooLongError
 from models.hooks import capture_outputs
 from models.loading import torch_threads
 from tests.conftest import random_image
+from tests.engine_checks import assert_threads_get_what_they_get_alone
 from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
 from tests.tiny_models import BOS_ID, SEP_ID, VOCABULARY, build_tiny_blip
 
@@ -184,21 +184,7 @@ def test_explaining_leaves_no_gradient_on_shared_parameters(tiny_blip, caption):
 def test_threads_sharing_one_explainer_get_what_they_get_alone(tiny_blip, caption):
     jobs = [(random_image(10 + index), index % len(caption.words), method)
             for index, method in enumerate(["hirescam", "cross_attention", "gradcam", "hirescam"])]
-    alone = [tiny_blip.explain(image, caption, [word], method)[0] for image, word, method in jobs]
-    barrier = threading.Barrier(len(jobs))
-
-    def work(index: int) -> list:
-        image, word, method = jobs[index]
-        barrier.wait()  # start together so the forward passes really overlap
-        return [tiny_blip.explain(image, caption, [word], method)[0] for _ in range(5)]
-
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        results = list(pool.map(work, range(len(jobs))))  # re-raises any thread's exception
-    for index, expected in enumerate(alone):
-        assert len(results[index]) == 5
-        for got in results[index]:
-            assert got.score == pytest.approx(expected.score, abs=1e-6)
-            np.testing.assert_allclose(got.cam_patches, expected.cam_patches, rtol=1e-5, atol=1e-10)
+    assert_threads_get_what_they_get_alone(tiny_blip, caption, jobs, repeats=5, score_atol=1e-6, rtol=1e-5, atol=1e-10)
 
 
 def test_caption_respects_max_new_tokens_and_prompt(tiny_blip):

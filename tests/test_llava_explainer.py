@@ -3,9 +3,6 @@ sequence, one-pass equivalences, eager attention, occlusion, hooks, threads, geo
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +12,7 @@ from models.explainer import DEFAULT_INSTRUCTION, MissingCaptureError, PromptToo
 from models.families import explainer_for_model, load_captioner
 from models.llava_explainer import LlavaExplainer
 from tests.conftest import random_image
+from tests.engine_checks import assert_threads_get_what_they_get_alone
 from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
 from tests.tiny_llava import (
     EOS_ID,
@@ -348,21 +346,7 @@ def test_explaining_leaves_no_gradient_on_shared_parameters(tiny_llava, caption)
 def test_threads_sharing_one_explainer_get_what_they_get_alone(tiny_llava, caption):
     jobs = [(random_image(20 + index), index % len(caption.words), method)
             for index, method in enumerate(["attention", "hirescam", "gradcam", "attention"])]
-    alone = [tiny_llava.explain(image, caption, [word], method)[0] for image, word, method in jobs]
-    barrier = threading.Barrier(len(jobs))
-
-    def work(index: int) -> list:
-        image, word, method = jobs[index]
-        barrier.wait()  # start together so the forward passes really overlap
-        return [tiny_llava.explain(image, caption, [word], method)[0] for _ in range(3)]
-
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        results = list(pool.map(work, range(len(jobs))))  # re-raises any thread's exception
-    for index, expected in enumerate(alone):
-        assert len(results[index]) == 3
-        for got in results[index]:
-            assert got.score == expected.score
-            np.testing.assert_array_equal(got.cam_patches, expected.cam_patches)
+    assert_threads_get_what_they_get_alone(tiny_llava, caption, jobs)
 
 
 def test_caption_answers_the_instruction_through_the_chat_template(tiny_llava):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from models.families import load_captioner
 from models.hooks import capture_outputs
 from models.smolvlm_explainer import DEFAULT_INSTRUCTION, Idefics3Explainer, SmolVLMExplainer
 from tests.conftest import random_image
+from tests.engine_checks import assert_threads_get_what_they_get_alone
 from tests.geometry_checks import MIN_WHITENESS
 from tests.tiny_smolvlm import END_OF_UTTERANCE, build_tiny_smolvlm, save_tiny_smolvlm
 
@@ -309,21 +308,7 @@ def test_explaining_leaves_no_gradient_on_shared_parameters(tiny_smolvlm, captio
 def test_threads_sharing_one_explainer_get_bit_equal_results(tiny_smolvlm, caption):
     jobs = [(random_image(10 + index), index % len(caption.words), method)
             for index, method in enumerate(["attention", "hirescam", "gradcam", "attention"])]
-    alone = [tiny_smolvlm.explain(image, caption, [word], method)[0] for image, word, method in jobs]
-    barrier = threading.Barrier(len(jobs))
-
-    def work(index: int) -> list:
-        image, word, method = jobs[index]
-        barrier.wait()  # start together so the forward passes really overlap
-        return [tiny_smolvlm.explain(image, caption, [word], method)[0] for _ in range(3)]
-
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        results = list(pool.map(work, range(len(jobs))))  # re-raises any thread's exception
-    for index, expected in enumerate(alone):
-        assert len(results[index]) == 3
-        for got in results[index]:
-            assert got.score == expected.score
-            np.testing.assert_array_equal(got.cam_patches, expected.cam_patches)
+    assert_threads_get_what_they_get_alone(tiny_smolvlm, caption, jobs)
 
 
 @pytest.mark.parametrize("image_size", [(48, 40), (96, 40), (16, 16)])
