@@ -14,7 +14,6 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
-from models.cam_methods import VISION_LAYER_METHODS
 from models.denormals import in_denormal_mode
 from models.explainer import (
     Caption,
@@ -24,13 +23,9 @@ from models.explainer import (
     OcclusionMethod,
     attention_row_relevance,
     patch_token_relevance,
+    vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, squash_geometry
-
-VISION_METHOD_LABELS = {
-    "hirescam": "HiResCAM (gradient x activation), vision layers",
-    "gradcam": "Grad-CAM (averaged gradients), vision layers",
-}
 
 
 class BlipExplainer(CaptionerExplainer):
@@ -64,17 +59,10 @@ class BlipExplainer(CaptionerExplainer):
         return squash_geometry(image_size, self.grid_shape)
 
     def build_methods(self) -> dict[str, Method]:
-        vision_count, decoder_count = len(self.vision_layers), len(self.cross_attentions)
-        vision_names = tuple(f"vision layer {index + 1}/{vision_count}" for index in range(vision_count))
-        vision_methods = {
-            key: GradientMethod(
-                label,
-                tuple(self.vision_layers),
-                vision_names,
-                patch_token_relevance(VISION_LAYER_METHODS[key], first_patch_token=1),  # after CLS
-            )
-            for key, label in VISION_METHOD_LABELS.items()
-        }
+        decoder_count = len(self.cross_attentions)
+        vision_methods = vision_layer_methods(
+            self.vision_layers, lambda cam: patch_token_relevance(cam, first_patch_token=1)  # after CLS
+        )
         cross_attention = GradientMethod(
             "Gradient x cross-attention, text decoder layers",
             tuple(self.cross_attentions),

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.cam_methods import gradient_attention
+from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
 from models.denormals import in_denormal_mode
 from models.hooks import capture_outputs
 from models.loading import PretrainedExplainer
@@ -219,6 +219,51 @@ def patch_token_relevance(cam_function, first_patch_token: int) -> LayerRelevanc
         return cam_function(activation[:, first_patch_token:], gradients[:, :, first_patch_token:])[:, 0]
 
     return relevance
+
+
+VISION_METHOD_LABELS = {
+    "hirescam": "HiResCAM (gradient x activation), vision layers",
+    "gradcam": "Grad-CAM (averaged gradients), vision layers",
+}
+
+
+def vision_layer_methods(
+    layers: Sequence[nn.Module],
+    relevance_for: Callable[[Callable], LayerRelevance],
+    layer_names: tuple[str, ...] | None = None,
+    labels: dict[str, str] = VISION_METHOD_LABELS,
+    **options,
+) -> dict[str, Method]:
+    """HiResCAM and Grad-CAM on a vision tower's layers, one map per layer.
+
+    Args:
+        layers: the modules read, shallow to deep.
+        relevance_for: a CAM formula (models.cam_methods) -> the family's relevance function,
+            which knows where the patch tokens are in a layer's output.
+        layer_names: one label per layer; "vision layer i/n" when None.
+        labels: the page's label of each method.
+        options: passed on to every GradientMethod (e.g. ``token_of_patch``).
+    """
+    names = layer_names or tuple(f"vision layer {index + 1}/{len(layers)}" for index in range(len(layers)))
+    return {
+        key: GradientMethod(label, tuple(layers), names, relevance_for(VISION_LAYER_METHODS[key]), **options)
+        for key, label in labels.items()
+    }
+
+
+def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance, **options) -> Method:
+    """Gradient x attention in a decoder-only model's language layers (eager attention: the
+    probabilities are the second output), one map per layer, then their mean."""
+    count = len(attentions)
+    return GradientMethod(
+        "Gradient x attention to the image tokens, language model layers",
+        tuple(attentions),
+        tuple(f"language model attention {index + 1}/{count}" for index in range(count)),
+        relevance,
+        output_index=1,  # (attention output, attention probabilities)
+        pooled_name=f"language model attention, mean of all {count} layers",
+        **options,
+    )
 
 
 def _word_row_attention(attention, gradients, caption, word_indices) -> torch.Tensor:

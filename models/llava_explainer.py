@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from models.cam_methods import VISION_LAYER_METHODS, hires_cam
+from models.cam_methods import hires_cam
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
@@ -34,14 +34,11 @@ from models.explainer import (
     MissingCaptureError,
     OcclusionMethod,
     image_token_attention_relevance,
+    language_attention_method,
     patch_token_relevance,
+    vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, centre_crop_geometry
-
-VISION_METHOD_LABELS = {
-    "hirescam": "HiResCAM (gradient x activation), vision layers",
-    "gradcam": "Grad-CAM (averaged gradients), vision layers",
-}
 
 
 class LlavaExplainer(CaptionerExplainer):
@@ -104,26 +101,14 @@ class LlavaExplainer(CaptionerExplainer):
         return centre_crop_geometry(image_size, self.crop_shape, self.patch_size)
 
     def build_methods(self) -> dict[str, Method]:
-        vision_count, text_count = len(self.vision_layers), len(self.attention_layers)
-        vision_names = tuple(f"vision layer {index + 1}/{vision_count}" for index in range(vision_count))
-        vision_methods = {
-            key: GradientMethod(
-                label,
-                tuple(self.vision_layers),
-                vision_names,
-                patch_token_relevance(VISION_LAYER_METHODS[key], first_patch_token=self.prefix_tokens),
-            )
-            for key, label in VISION_METHOD_LABELS.items()
-        }
-        attention = GradientMethod(
-            "Gradient x attention to the image tokens, language model layers",
-            tuple(self.attention_layers),
-            tuple(f"language model attention {index + 1}/{text_count}" for index in range(text_count)),
+        vision_methods = vision_layer_methods(
+            self.vision_layers, lambda cam: patch_token_relevance(cam, first_patch_token=self.prefix_tokens)
+        )
+        attention = language_attention_method(
+            self.attention_layers,
             image_token_attention_relevance(
                 self.image_token_id, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0
             ),
-            output_index=1,  # (attention output, attention probabilities)
-            pooled_name=f"language model attention, mean of all {text_count} layers",
         )
         # The image tokens as the language model receives them: gradient x input at the
         # projector's output, one map (no layers: it is the boundary between the two models).

@@ -42,7 +42,6 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_window_index
 
-from models.cam_methods import VISION_LAYER_METHODS
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
@@ -50,18 +49,19 @@ from models.explainer import (
     INSTRUCTION_LABEL,
     Caption,
     CaptionerExplainer,
-    GradientMethod,
     LayerRelevance,
     Method,
     OcclusionMethod,
     image_token_attention_relevance,
+    language_attention_method,
     patch_token_relevance,
+    vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, aspect_resize_geometry
 
 IMAGE_TOKEN_TYPE = 1  # mm_token_type_ids: text 0, image 1, video 2
 
-VISION_METHOD_LABELS = {
+VISION_BLOCK_LABELS = {
     "hirescam": "HiResCAM (gradient x activation), vision tower blocks",
     "gradcam": "Grad-CAM (averaged gradients), vision tower blocks",
 }
@@ -225,27 +225,17 @@ class Qwen2VLExplainer(CaptionerExplainer):
     # ------------------------------------------------------------ methods
 
     def build_methods(self) -> dict[str, Method]:
-        vision_count, text_count = len(self.vision_layers), len(self.attentions)
+        vision_count = len(self.vision_layers)
         vision_names = tuple(
             f"vision block {index + 1}/{vision_count}" for index in range(vision_count - 1)
         ) + (f"vision block {vision_count}/{vision_count} (normalised, as the merger reads it)",)
-        vision_methods = {
-            key: GradientMethod(
-                label,
-                tuple(self.vision_layers),
-                vision_names,
-                flattened_patch_relevance(VISION_LAYER_METHODS[key]),
-                token_of_patch=self.vision_token_order,
-            )
-            for key, label in VISION_METHOD_LABELS.items()
-        }
-        attention = GradientMethod(
-            "Gradient x attention to the image tokens, language model layers",
-            tuple(self.attentions),
-            tuple(f"language model attention {index + 1}/{text_count}" for index in range(text_count)),
+        vision_methods = vision_layer_methods(
+            self.vision_layers, flattened_patch_relevance, vision_names, VISION_BLOCK_LABELS,
+            token_of_patch=self.vision_token_order,
+        )
+        attention = language_attention_method(
+            self.attentions,
             image_token_attention_relevance(self.image_token_id),
-            output_index=1,  # (output, attention probabilities): eager attention only
-            pooled_name=f"language model attention, mean of all {text_count} layers",
             token_of_patch=self.image_token_of_patch,
         )
         return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}

@@ -41,19 +41,20 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import (
 )
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
-from models.cam_methods import VISION_LAYER_METHODS
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
     INSTRUCTION_HELP,
     INSTRUCTION_LABEL,
+    VISION_METHOD_LABELS,
     Caption,
     CaptionerExplainer,
-    GradientMethod,
     LayerRelevance,
     Method,
     OcclusionMethod,
     image_token_attention_relevance,
+    language_attention_method,
+    vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, squash_geometry, tiled_geometry
 
@@ -63,10 +64,8 @@ GLOBAL_IMAGE_TOKEN = "<global-img>"
 END_OF_UTTERANCE = "<end_of_utterance>"
 MAX_TILE_SIDE = 6  # the tokenizer's <row_i_col_j> tokens go up to 6 x 6
 
-VISION_METHOD_LABELS = {
-    "hirescam": "HiResCAM (gradient x activation), vision layers",
-    "gradcam": "Grad-CAM (averaged gradients per tile), vision layers",
-}
+# Each tile is an image of its own to the vision tower: Grad-CAM's average is per tile.
+TILED_VISION_LABELS = {**VISION_METHOD_LABELS, "gradcam": "Grad-CAM (averaged gradients per tile), vision layers"}
 
 
 class SmolVLMImageTextProcessor:
@@ -223,22 +222,8 @@ class SmolVLMExplainer(CaptionerExplainer):
         return relevance
 
     def build_methods(self) -> dict[str, Method]:
-        vision_count, text_count = len(self.vision_layers), len(self.attentions)
-        vision_names = tuple(f"vision layer {index + 1}/{vision_count}" for index in range(vision_count))
-        attention = GradientMethod(
-            "Gradient x attention to image tokens, language model layers",
-            tuple(self.attentions),
-            tuple(f"language model attention {index + 1}/{text_count}" for index in range(text_count)),
-            self.attention_relevance(),
-            output_index=1,  # (attention output, attention probabilities)
-            pooled_name=f"language model attention, mean of all {text_count} layers",
-        )
-        vision_methods = {
-            key: GradientMethod(
-                label, tuple(self.vision_layers), vision_names, self.vision_relevance(VISION_LAYER_METHODS[key])
-            )
-            for key, label in VISION_METHOD_LABELS.items()
-        }
+        attention = language_attention_method(self.attentions, self.attention_relevance())
+        vision_methods = vision_layer_methods(self.vision_layers, self.vision_relevance, labels=TILED_VISION_LABELS)
         return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
