@@ -1,5 +1,5 @@
 """A tiny SmolVLM (Idefics3 architecture) built from a small config, with a byte-level BPE
-tokenizer trained offline on a few sentences: no network.
+tokenizer trained offline on a few sentences (models/smolvlm_offline.py): no network.
 
 Sizes: 16 px tiles of 4 x 4 patches (4 px each), pixel shuffle by 2, so each tile gives
 4 image tokens; the long side of an image is resized to 32 px, so a non-square image is cut
@@ -11,19 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     LlamaConfig,
-    PreTrainedTokenizerFast,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
 )
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
-from models.smolvlm_explainer import SmolVLMImageTextProcessor
+from models.smolvlm_explainer import END_OF_UTTERANCE, SmolVLMImageTextProcessor
+from models.smolvlm_offline import BOS, PAD, offline_smolvlm_tokenizer
 
 TILE_SIZE = 16  # the vision tower's image size (the processor's max_image_size)
 LONGEST_EDGE = 32  # the processor resizes every image's long side to this
@@ -31,42 +29,6 @@ PATCH_SIZE = 4
 SCALE_FACTOR = 2
 VISION_LAYERS = 3
 TEXT_LAYERS = 2
-
-BOS, END_OF_UTTERANCE, PAD = "<|im_start|>", "<end_of_utterance>", "<|endoftext|>"
-IMAGE_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>"] + [
-    f"<row_{row}_col_{column}>" for row in range(1, 7) for column in range(1, 7)
-]
-CORPUS = [
-    "User: Describe this image in one sentence.",
-    "Assistant: a red circle and a blue square on green grass.",
-    "Assistant: two dogs and a cat above a picture of circles.",
-    "What colour is the square? Answer in one word.",
-] * 10
-
-
-def tiny_smolvlm_tokenizer() -> PreTrainedTokenizerFast:
-    """SmolVLM's kind of tokenizer (GPT-2 style byte-level BPE), with its image and chat tokens
-    and its chat template."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=[PAD, BOS, END_OF_UTTERANCE, *IMAGE_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=END_OF_UTTERANCE,
-        pad_token=PAD,
-        unk_token=PAD,
-        additional_special_tokens=IMAGE_TOKENS,
-    )
-    fast.chat_template = DEFAULT_CHAT_TEMPLATE
-    return fast
-
 
 # model_type -> (config class, model class): SmolVLM's architecture under both its names
 # (HuggingFaceTB/SmolVLM-256M-Instruct is an "idefics3" checkpoint, SmolVLM2 a "smolvlm" one).
@@ -81,7 +43,7 @@ def build_tiny_smolvlm(
 ) -> tuple[SmolVLMForConditionalGeneration | Idefics3ForConditionalGeneration, SmolVLMImageTextProcessor]:
     """A 3-layer vision / 2-layer Llama SmolVLM (or Idefics3) with random weights, eager attention."""
     config_class, model_class = ARCHITECTURES[model_type]
-    tokenizer = tiny_smolvlm_tokenizer()
+    tokenizer = offline_smolvlm_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
