@@ -1,11 +1,15 @@
-"""Speed and memory of token Grad-CAM on the full BLIP-base architecture (random weights).
+"""Speed and memory of word-by-word explanations on a family's real-size architecture (random weights).
 
 Random weights cost exactly what the real checkpoint costs (same config, same shapes), and
-need no download. Every number is the median of ``--repeats`` runs, measured side by side in
-this one process so that ratios are fair on a busy machine. The ``_unflushed`` measures run the
-same work without flushing denormal floats, which on some CPUs is ten times slower.
+need no download. ``--family blip`` builds BLIP base and times Grad-CAM (its gradient crosses
+the whole vision tower); ``--family smolvlm`` builds SmolVLM-256M-Instruct and times the
+family's default method (gradient x attention over the language model's layers). Every number
+is the median of ``--repeats`` runs, measured side by side in this one process so that ratios
+are fair on a busy machine. The ``_unflushed`` measures run the same work without flushing
+denormal floats, which on some CPUs is ten times slower.
 
     python bench/speed.py --json bench/results/speed.json
+    python bench/speed.py --family smolvlm --json bench/results/speed_smolvlm.json
 """
 
 from __future__ import annotations
@@ -21,13 +25,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipProcessor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    LlamaConfig,
+)
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from models.denormals import set_flush_denormal_everywhere
-from models.explainer import CaptionerExplainer
+from models.explainer import Caption, CaptionerExplainer
 from models.families import explainer_for_model
 from models.hooks import capture_outputs
+from models.smolvlm_explainer import DEFAULT_INSTRUCTION, END_OF_UTTERANCE, IMAGE_TOKEN, SmolVLMImageTextProcessor
+from models.smolvlm_offline import BOS, CORPUS, PAD, offline_smolvlm_tokenizer
 from utils.image_utils import overlay_heatmap
 from utils.video_utils import encode_mp4, layer_frames
 
@@ -51,6 +66,102 @@ def build_blip_base_architecture(flush_denormals: bool = True) -> CaptionerExpla
     return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
 
 
+# SmolVLM-256M-Instruct's long side before tiling. The checkpoint's processor resizes to 2048 px
+# (4 x 4 tiles of 512 px plus the global view, 17 x 1024 patches through the vision tower);
+# 512 px gives the global view alone, one 512 px tile: 1024 patches, 64 image tokens, so that one
+# forward pass and gradient takes seconds on a laptop CPU. Tiles are independent in the vision
+# tower, so its cost grows linearly with their number.
+SMOLVLM_LONGEST_EDGE = 512
+
+
+def build_smolvlm_256m_architecture(
+    flush_denormals: bool = True, longest_edge: int = SMOLVLM_LONGEST_EDGE
+) -> CaptionerExplainer:
+    """SmolVLM-256M-Instruct's architecture ("idefics3", as its config.json names it), random
+    weights, the offline byte-level tokenizer of models/smolvlm_offline.py (its ids all lie
+    within the real vocabulary, which sets the size of the embeddings and the output layer).
+
+    Sources of the numbers: the model card (HuggingFaceTB/SmolVLM-256M-Instruct) names its two
+    parts, google/siglip-base-patch16-512 and HuggingFaceTB/SmolLM2-135M; the blog post "SmolVLM
+    Grows Smaller" gives 4096 pixels per image token (a 512 px tile, 32 x 32 patches of 16 px,
+    folded 4 x 4 by the pixel shuffle into 64 tokens: scale_factor 4). transformers'
+    Idefics3Config and SmolVLMConfig defaults are those of larger checkpoints (SigLIP so400m,
+    patch 14 / 32, scale_factor 2), so every size is written out here. The total (printed as
+    parameters_m) is 256.5 M with untied input and output embeddings (Idefics3Config's
+    tie_word_embeddings=False); tied, it would be 228 M, so the 256 M of the name says untied.
+    """
+    tokenizer = offline_smolvlm_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    text_config = LlamaConfig(  # SmolLM2-135M
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,  # grouped-query attention: 3 query heads share each key/value head
+        vocab_size=49280,  # SmolLM2's 49152 plus SmolVLM's image and layout tokens (<row_i_col_j>, ...)
+        max_position_embeddings=8192,  # SmolVLM's longer context (SmolLM2 itself: 2048); no cost here
+        tie_word_embeddings=False,
+        bos_token_id=ids(BOS),
+        eos_token_id=ids(END_OF_UTTERANCE),
+        pad_token_id=ids(PAD),
+    )
+    config = Idefics3Config(
+        vision_config=dict(  # SigLIP base, patch 16, 512 px (siglip-base-patch16-512's vision tower)
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            patch_size=16,
+            image_size=512,
+        ),
+        text_config=text_config.to_dict(),
+        scale_factor=4,  # 4 x 4 patches per image token: 4096 pixels per token (blog post)
+        image_token_id=ids(IMAGE_TOKEN),
+        tie_word_embeddings=False,
+        pad_token_id=ids(PAD),
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(config).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = ids(END_OF_UTTERANCE)
+    model.generation_config.pad_token_id = ids(PAD)
+    image_processor = SmolVLMImageProcessorPil(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": config.vision_config.image_size}
+    )
+    processor = SmolVLMImageTextProcessor(image_processor, tokenizer)
+    return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
+
+
+def blip_caption(explainer: CaptionerExplainer, image: Image.Image, words: int) -> Caption:
+    """``words`` synthetic words (one vocabulary id each) between BLIP's [DEC] and [SEP]."""
+    text_config = explainer.model.config.text_config
+    return explainer.caption_from_ids([text_config.bos_token_id, *range(1000, 1000 + words), text_config.sep_token_id])
+
+
+def smolvlm_caption(explainer: CaptionerExplainer, image: Image.Image, words: int) -> Caption:
+    """An answer of ``words`` words from the tokenizer's corpus after the chat prompt (instruction
+    and image tokens), ended by <end_of_utterance>, as ``caption`` returns one."""
+    vocabulary = " ".join(CORPUS[1:3]).replace("Assistant:", "").replace(".", "").split()
+    answer = " ".join(vocabulary[index % len(vocabulary)] for index in range(words))
+    tokenizer = explainer.processor.tokenizer
+    prompt = explainer.prompt_ids(image, DEFAULT_INSTRUCTION)
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids
+    end = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+    return explainer.caption_from_ids([*prompt, *answer_ids, end], len(prompt))
+
+
+# family -> (builder, what it builds, the method every measure times, caption of n words)
+FAMILIES = {
+    "blip": (build_blip_base_architecture, "BlipConfig() defaults, random weights", "gradcam", blip_caption),
+    "smolvlm": (
+        build_smolvlm_256m_architecture,
+        f"SmolVLM-256M-Instruct architecture (Idefics3), random weights, long side {SMOLVLM_LONGEST_EDGE} px",
+        "attention",
+        smolvlm_caption,
+    ),
+}
+
+
 def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each function, timed in interleaved rounds (A, B, C, A, B, C, ...), so a
     slow spell on a shared machine hits every measure alike and the ratios stay fair."""
@@ -64,48 +175,54 @@ def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
 
 
 def forward_and_gradient(
-    explainer: CaptionerExplainer, image: Image.Image, token_ids: list[int], position: int, layers: list
+    explainer: CaptionerExplainer, image: Image.Image, token_ids: list[int], position: int, method: str, layers: slice
 ) -> None:
-    """One forward pass and one gradient of one token with respect to the given vision layers."""
+    """One forward pass and one gradient of one token with respect to the given layers of a method."""
+    chosen = explainer.methods[method]
     set_flush_denormal_everywhere(explainer.flush_denormals)  # as the explainer's own methods do
     inputs = {
         name: value.requires_grad_(True) if value.is_floating_point() else value
         for name, value in explainer.model_inputs([image]).items()
     }
-    with torch.enable_grad(), capture_outputs(layers) as captured:
+    with torch.enable_grad(), capture_outputs(chosen.modules[layers], chosen.output_index) as captured:
         logits = explainer.teacher_forced_logits(inputs, torch.tensor([token_ids]))
         score = logits[0, position - 1].log_softmax(-1)[token_ids[position]]
         torch.autograd.grad(score, captured)
 
 
-def naive_all_layers(explainer: CaptionerExplainer, image: Image.Image, token_ids: list[int], position: int) -> None:
+def naive_all_layers(
+    explainer: CaptionerExplainer, image: Image.Image, token_ids: list[int], position: int, method: str
+) -> None:
     """The reference design's way: a separate forward and backward pass for every layer."""
-    for layer in explainer.methods["gradcam"].modules:
-        forward_and_gradient(explainer, image, token_ids, position, [layer])
+    for layer in range(len(explainer.methods[method].modules)):
+        forward_and_gradient(explainer, image, token_ids, position, method, slice(layer, layer + 1))
 
 
-def first_heatmap(explainer: CaptionerExplainer, image: Image.Image, caption, word: int) -> np.ndarray:
+def first_heatmap(explainer: CaptionerExplainer, image: Image.Image, caption, word: int, method: str) -> np.ndarray:
     """What the page does between showing the caption and showing the first heatmap: the chosen
     word's maps alone (the other words are filled in after), drawn over the displayed image.
 
-    Grad-CAM, like the other measures: its gradient crosses the whole vision tower, so it costs
-    at least what the default method (gradient x cross-attention, decoder only) costs.
+    BLIP's measures time Grad-CAM: its gradient crosses the whole vision tower, so it costs at
+    least what the default method (gradient x cross-attention, decoder only) costs.
     """
-    (maps,) = explainer.explain(image, caption, [word], method="gradcam")
+    (maps,) = explainer.explain(image, caption, [word], method=method)
     heat = explainer.image_geometry(image.size).cams_to_image(maps.cam_patches)
     return overlay_heatmap(image, heat[explainer.default_layer(maps.method)])
 
 
-def encode_layer_video(explainer: CaptionerExplainer, image: Image.Image, cam_patches: np.ndarray) -> bytes:
+def encode_layer_video(
+    explainer: CaptionerExplainer, image: Image.Image, cam_patches: np.ndarray, method: str
+) -> bytes:
     """The app's video: every layer's overlay held, cross-faded, encoded as H.264."""
     heat_maps = explainer.image_geometry(image.size).cams_to_image(cam_patches)
-    labels = explainer.layer_names("gradcam")
+    labels = explainer.layer_names(method)
     frames = layer_frames(image, heat_maps, labels, "word", alpha=0.5, colormap="jet", hold_frames=12, fade_frames=6)
     return encode_mp4(frames, fps=12)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="blip", help="which architecture to build")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--words", type=int, default=8, help="caption length in words")
@@ -113,30 +230,33 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
 
-    explainer = build_blip_base_architecture()
+    build, model_description, method, make_caption = FAMILIES[arguments.family]
+    print(f"family {arguments.family}: {model_description}; method {method!r}", flush=True)
+    explainer = build()
     unflushed = explainer_for_model(explainer.model, explainer.processor, explainer.device, flush_denormals=False)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
-    bos, sep = explainer.model.config.text_config.bos_token_id, explainer.model.config.text_config.sep_token_id
-    token_ids = [bos, *range(1000, 1000 + arguments.words), sep]
-    caption = explainer.caption_from_ids(token_ids)
+    caption = make_caption(explainer, image, arguments.words)
+    token_ids = list(caption.token_ids)
     word = len(caption.words) // 2
     position = caption.words[word].start
     repeats = arguments.repeats
 
-    (maps,) = explainer.explain(image, caption, [word], method="gradcam")  # warm-up: allocator, hooks
-    first_layer = explainer.methods["gradcam"].modules[:1]  # the vision layers Grad-CAM reads
+    (maps,) = explainer.explain(image, caption, [word], method=method)  # warm-up: allocator, hooks
+    first_layer = slice(0, 1)  # the method's shallowest layer: the gradient crosses all of its layers
     results = interleaved_medians(
         {
-            # The floor: the gradient reaches the first vision layer, so it crosses all of them.
-            "fwd_bwd_s": lambda: forward_and_gradient(explainer, image, token_ids, position, first_layer),
-            "fwd_bwd_unflushed_s": lambda: forward_and_gradient(unflushed, image, token_ids, position, first_layer),
-            "all_layers_one_word_s": lambda: explainer.explain(image, caption, [word], method="gradcam"),
-            "all_layers_one_word_unflushed_s": lambda: unflushed.explain(image, caption, [word], method="gradcam"),
-            "first_heatmap_s": lambda: first_heatmap(explainer, image, caption, word),
-            "naive_all_layers_one_word_s": lambda: naive_all_layers(explainer, image, token_ids, position),
-            "all_words_all_layers_s": lambda: explainer.explain(image, caption, method="gradcam"),
+            # The floor: one forward pass, one gradient reaching the method's shallowest layer.
+            "fwd_bwd_s": lambda: forward_and_gradient(explainer, image, token_ids, position, method, first_layer),
+            "fwd_bwd_unflushed_s": lambda: forward_and_gradient(
+                unflushed, image, token_ids, position, method, first_layer
+            ),
+            "all_layers_one_word_s": lambda: explainer.explain(image, caption, [word], method=method),
+            "all_layers_one_word_unflushed_s": lambda: unflushed.explain(image, caption, [word], method=method),
+            "first_heatmap_s": lambda: first_heatmap(explainer, image, caption, word, method),
+            "naive_all_layers_one_word_s": lambda: naive_all_layers(explainer, image, token_ids, position, method),
+            "all_words_all_layers_s": lambda: explainer.explain(image, caption, method=method),
             "caption_s": lambda: explainer.caption(image, max_new_tokens=20),
-            "video_encode_s": lambda: encode_layer_video(explainer, image, maps.cam_patches),
+            "video_encode_s": lambda: encode_layer_video(explainer, image, maps.cam_patches, method),
         },
         arguments.repeats,
     )
@@ -152,10 +272,15 @@ def main() -> None:
         "all_layers_one_word_unflushed / all_layers_one_word": results["all_layers_one_word_unflushed_s"]
         / results["all_layers_one_word_s"],
     }
+    geometry = explainer.image_geometry(image.size)
     results["setup"] = {
-        "model": "BlipConfig() defaults, random weights",
+        "family": arguments.family,
+        "model": model_description,
+        "method": method,
+        "image_size": image.size,
         "parameters_m": sum(parameter.numel() for parameter in explainer.model.parameters()) / 1e6,
-        "grid": explainer.image_geometry(image.size).views[0].grid_shape,
+        "views": len(geometry.views),  # tiles the vision tower reads (SmolVLM: tiles + global view)
+        "grid": geometry.views[0].grid_shape,
         "patch_size": explainer.patch_size,
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
