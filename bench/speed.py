@@ -38,10 +38,10 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from models.denormals import set_flush_denormal_everywhere
-from models.explainer import Caption, CaptionerExplainer
+from models.explainer import DEFAULT_INSTRUCTION, Caption, CaptionerExplainer
 from models.families import explainer_for_model
 from models.hooks import capture_outputs
-from models.smolvlm_explainer import DEFAULT_INSTRUCTION, END_OF_UTTERANCE, IMAGE_TOKEN, SmolVLMImageTextProcessor
+from models.smolvlm_explainer import END_OF_UTTERANCE, IMAGE_TOKEN, SmolVLMImageTextProcessor
 from models.smolvlm_offline import BOS, CORPUS, PAD, offline_smolvlm_tokenizer
 from utils.image_utils import overlay_heatmap
 from utils.video_utils import encode_mp4, layer_frames
