@@ -77,21 +77,6 @@ class BlipExplainer(CaptionerExplainer):
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         return self.model.vision_model.encoder.layers
 
-    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Processor output for RGB images: (batch, 3, height, width) on the device, in the model's dtype."""
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt").pixel_values
-        return pixels.to(self.device, self.model.dtype)
-
-    def model_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values(images)}
-
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits
-
-    @property
-    def max_caption_tokens(self) -> int:
-        return self.model.config.text_config.max_position_embeddings  # 32 on the demo, 512 on BLIP base
-
     @in_denormal_mode
     @torch.no_grad()
     def caption(

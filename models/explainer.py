@@ -399,13 +399,20 @@ class CaptionerExplainer(PretrainedExplainer):
         """The explanation methods this family supports, keyed by name, in menu order."""
         raise NotImplementedError
 
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The image processor's (batch, 3, height, width) output, on the device in the model's
+        dtype. This default and the next two serve families whose image is one such tensor read
+        as ``pixel_values`` (BLIP, LLaVA-1.5); tiled or flattened families override them."""
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt").pixel_values
+        return pixels.to(self.device, self.model.dtype)
+
     def model_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """The processor's image inputs for a batch of RGB images, on the device."""
-        raise NotImplementedError
+        return {"pixel_values": self.pixel_values(images)}
 
     def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         """(batch, ids, vocabulary) logits of one forward pass over the given ids, as they are."""
-        raise NotImplementedError
+        return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits
 
     def caption(self, image: Image.Image, prompt: str = "", max_new_tokens: int = 30, num_beams: int = 1) -> Caption:
         """Generate a caption (greedy when ``num_beams`` is 1), optionally continuing ``prompt``,
@@ -415,8 +422,8 @@ class CaptionerExplainer(PretrainedExplainer):
     @property
     def max_caption_tokens(self) -> int:
         """Most ids a caption may hold, BOS and prompt included: the text model's position limit
-        (generation would index past it)."""
-        raise NotImplementedError
+        (generation would index past it; 32 on the BLIP demo, 512 on BLIP base)."""
+        return self.model.config.text_config.max_position_embeddings
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         """The vision encoder's layers, shallow to deep (the sanity check re-randomises the top ones)."""

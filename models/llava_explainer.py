@@ -125,22 +125,6 @@ class LlavaExplainer(CaptionerExplainer):
         # would change nothing, and the sanity check would pass for the wrong reason.
         return self.vision_layers
 
-    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Processor output for RGB images: (batch, 3, height, width) on the device, in the
-        vision tower's dtype."""
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt").pixel_values
-        return pixels.to(self.device, self.model.model.vision_tower.dtype)
-
-    def model_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values(images)}
-
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits
-
-    @property
-    def max_caption_tokens(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
-
     def prompt_text(self, instruction: str) -> str:
         """The chat-template text of one user turn (the image, then the instruction), ending
         where the assistant's answer begins."""

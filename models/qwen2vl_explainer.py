@@ -278,10 +278,6 @@ class Qwen2VLExplainer(CaptionerExplainer):
             use_cache=False,
         ).logits
 
-    @property
-    def max_caption_tokens(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
-
     def prompt_text(self, instruction: str) -> str:
         """The chat template's text for one image and the instruction, ready for the answer."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]

@@ -260,10 +260,6 @@ class SmolVLMExplainer(CaptionerExplainer):
         mask = inputs["pixel_attention_mask"].repeat(len(blocks), 1, 1, 1)
         return {**inputs, "pixel_values": occluded, "pixel_attention_mask": mask}
 
-    @property
-    def max_caption_tokens(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
-
     def prompt_ids(self, image: Image.Image, instruction: str) -> list[int]:
         """The ids before the answer: chat template, instruction and the image's tile tokens."""
         rows, columns = self.tile_layout(image.size)
