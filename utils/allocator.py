@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_ARENA_MAX = -8  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -18,8 +19,10 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 ARENAS = 2
 
 
+@functools.cache
 def return_large_buffers() -> bool:
-    """Set the thresholds above; True when they were set (glibc), False elsewhere."""
+    """Set the thresholds above, once per process (they are process-wide, and finding libc
+    runs ldconfig); True when they were set (glibc), False elsewhere."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
