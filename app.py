@@ -121,15 +121,17 @@ def cached_word_maps(key: WorkKey, method: str, _captioner, _image, _caption) ->
     return _captioner.explain(_image, _caption, method=method)
 
 
-def masked_caption(page: Page, boxes: tuple[Box, ...], fill: str) -> MaskedCaption:
-    """The causal test's result, kept in the session: it holds two working-size images, and a
-    session shows one region at a time, so only the latest is kept, and it goes with the session."""
+def masked_caption(page: Page, boxes: tuple[Box, ...], fill: str) -> tuple[MaskedCaption, Image.Image]:
+    """The causal test's result and its masked image at display size, kept in the session: the
+    result holds two working-size images, and a session shows one region at a time, so only the
+    latest is kept, and it goes with the session."""
     key = (page.key, boxes, fill, page.decoding)
     if st.session_state.masked is None or st.session_state.masked[0] != key:
         with st.spinner("Masking and captioning again…"):
             result = mask_and_recaption(page.captioner, page.image, page.caption, boxes, fill, page.decoding)
-        st.session_state.masked = (key, result)
-    return st.session_state.masked[1]
+        st.session_state.masked = (key, result, fit_for_display(result.masked_image, DISPLAY_MAX_SIDE))
+    _, result, shown = st.session_state.masked
+    return result, shown
 
 
 @cached(16, "Measuring: masked images are scored in batches…")
@@ -223,7 +225,7 @@ def init_state() -> None:
         "last_click_time": None,  # the click component repeats its last value on every rerun
         "region": None,  # (description, tuple of Box in working-copy pixels) or None
         "masked_request": None,  # region key + fill the user asked to regenerate
-        "masked": None,  # (key, MaskedCaption) of the latest causal test
+        "masked": None,  # (key, MaskedCaption, its masked image at display size) of the latest causal test
         "video": None,  # (key, mp4 bytes)
         "report": None,  # (key, zip bytes, html text), prepared on request
         "filled_word_maps": set(),  # (WorkKey, method) of maps computed for every word
@@ -547,10 +549,10 @@ def mask_ui(page: Page) -> MaskedCaption | None:
         st.session_state.masked_request = request
     if st.session_state.masked_request != request:
         return None
-    masked = masked_caption(page, boxes, fill)
+    masked, shown = masked_caption(page, boxes, fill)
     caption = page.caption
     before, after = st.columns(2)
-    before.image(fit_for_display(masked.masked_image, DISPLAY_MAX_SIDE), caption="Masked image", width=DISPLAY_WIDTH)
+    before.image(shown, caption="Masked image", width=DISPLAY_WIDTH)
     with after:
         st.markdown(f"**Before:** {escape_markdown(caption.text)}")
         st.markdown(f"**After:** {escape_markdown(masked.caption.text)}")
