@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,3 +67,9 @@ def count_model_forwards() -> Iterator[list[int]]:
         yield calls
     finally:
         handle.remove()
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MB (Linux /proc)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -12,8 +12,7 @@ from streamlit.runtime.caching.cache_data_api import _data_caches
 
 import utils.image_utils
 from app import DISPLAY_MAX_SIDE
-from tests.app_helpers import click, start_app, upload
-from tests.test_reliability import resident_mb
+from tests.app_helpers import click, resident_mb, start_app, upload
 from utils.image_utils import WORKING_MAX_SIDE
 from utils.shapes_world import generate_scene
 

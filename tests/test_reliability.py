@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import re
 import socket
 import threading
@@ -18,7 +17,7 @@ import torch
 from models.analysis import Decoding, caption_image, mask_and_recaption
 from models.blip_explainer import BlipExplainer
 from models.clip_explainer import ClipExplainer
-from tests.app_helpers import click, pick_example, start_app, upload
+from tests.app_helpers import click, pick_example, resident_mb, start_app, upload
 from tests.bad_images import bad_image_cases
 from utils.image_utils import load_image
 from utils.patch_utils import Box
@@ -29,12 +28,6 @@ EXAMPLES = sorted(path.name for path in (ROOT / "media" / "examples").glob("*.pn
 FIRST_EXAMPLE_SEED = 99999
 FIRST_SCENE = generate_scene(FIRST_EXAMPLE_SEED)
 FIRST_EXAMPLE = f"scene_{FIRST_EXAMPLE_SEED}_{FIRST_SCENE.caption.replace(' ', '-')}.png"
-
-
-def resident_mb() -> float:
-    """This process's resident memory in MB (Linux /proc)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def forward_hook_count() -> int:
