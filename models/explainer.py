@@ -266,6 +266,20 @@ def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerR
     )
 
 
+def projector_method(projector: nn.Module, relevance: LayerRelevance, **options) -> Method:
+    """Gradient x input at the image-token embeddings the language model receives: the
+    projector's (connector's, merger's) output, one map (no layers: it is the boundary between
+    the two models). ``relevance`` gives one value per image token; ``token_of_patch`` (in
+    ``options``) says which token each patch takes where that is not one token per patch."""
+    return GradientMethod(
+        "Gradient x input at the image tokens the language model reads (projector output)",
+        (projector,),
+        ("projector output",),
+        relevance,
+        **options,
+    )
+
+
 def _word_row_attention(attention, gradients, caption, word_indices) -> torch.Tensor:
     """(words, keys): gradient x attention from the rows that predict each word (row t - 1
     predicts id t), summed over the word's pieces and averaged over heads.

@@ -29,13 +29,13 @@ from models.explainer import (
     INSTRUCTION_LABEL,
     Caption,
     CaptionerExplainer,
-    GradientMethod,
     Method,
     MissingCaptureError,
     OcclusionMethod,
     image_token_attention_relevance,
     language_attention_method,
     patch_token_relevance,
+    projector_method,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, centre_crop_geometry
@@ -110,12 +110,8 @@ class LlavaExplainer(CaptionerExplainer):
                 self.image_token_id, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0
             ),
         )
-        # The image tokens as the language model receives them: gradient x input at the
-        # projector's output, one map (no layers: it is the boundary between the two models).
-        projector = GradientMethod(
-            "Gradient x input at the image tokens the language model reads (projector output)",
-            (self.model.model.multi_modal_projector,),
-            ("projector output",),
+        projector = projector_method(
+            self.model.model.multi_modal_projector,
             patch_token_relevance(hires_cam, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0),
         )
         return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}

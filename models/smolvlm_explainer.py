@@ -41,6 +41,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import (
 )
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
+from models.cam_methods import hires_cam
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
@@ -54,6 +55,7 @@ from models.explainer import (
     OcclusionMethod,
     image_token_attention_relevance,
     language_attention_method,
+    projector_method,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, squash_geometry, tiled_geometry
@@ -210,21 +212,26 @@ class SmolVLMExplainer(CaptionerExplainer):
 
         return relevance
 
-    def attention_relevance(self) -> LayerRelevance:
-        """Gradient x attention from the rows that predict each word (row t - 1 predicts id t)
-        to the image-token columns, summed over the word's pieces, averaged over heads, and
-        spread from tokens to the patches each covers."""
-        per_token = image_token_attention_relevance(self.image_token_id)
+    def spread_to_patches(self, per_token: LayerRelevance) -> LayerRelevance:
+        """A relevance per image token (in sequence order) spread to the patches each covers."""
 
-        def relevance(attention, gradients, caption, word_indices):
-            return self.tokens_to_patches(per_token(attention, gradients, caption, word_indices))
+        def relevance(activation, gradients, caption, word_indices):
+            return self.tokens_to_patches(per_token(activation, gradients, caption, word_indices))
 
         return relevance
 
     def build_methods(self) -> dict[str, Method]:
-        attention = language_attention_method(self.attentions, self.attention_relevance())
+        # Gradient x attention from the rows that predict each word (row t - 1 predicts id t)
+        # to the image-token columns, summed over the word's pieces, averaged over heads.
+        attention = language_attention_method(
+            self.attentions, self.spread_to_patches(image_token_attention_relevance(self.image_token_id))
+        )
         vision_methods = vision_layer_methods(self.vision_layers, self.vision_relevance, labels=TILED_VISION_LABELS)
-        return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}
+        # The connector's output, (tiles, tokens per tile, D): the image tokens in sequence order.
+        projector = projector_method(
+            self.model.model.connector, self.spread_to_patches(self.vision_relevance(hires_cam))
+        )
+        return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         return self.model.model.vision_model.encoder.layers
