@@ -221,10 +221,44 @@ def patch_token_relevance(cam_function, first_patch_token: int) -> LayerRelevanc
     return relevance
 
 
+def tiled_token_relevance(cam_function) -> LayerRelevance:
+    """Relevance by a CAM formula on a vision layer that sees one image as several views
+    (tiles and a global view: its batch), none with a CLS token: every token of every view in
+    order, (views, T, D) -> (W, views x T)."""
+
+    def relevance(activation, gradients, caption, word_indices):  # (views, T, D), (W, views, T, D)
+        return cam_function(activation, gradients).flatten(start_dim=1)
+
+    return relevance
+
+
 VISION_METHOD_LABELS = {
     "hirescam": "HiResCAM (gradient x activation), vision layers",
     "gradcam": "Grad-CAM (averaged gradients), vision layers",
 }
+# Each tile is an image of its own to the vision tower: Grad-CAM's average is per tile.
+TILED_VISION_LABELS = {**VISION_METHOD_LABELS, "gradcam": "Grad-CAM (averaged gradients per tile), vision layers"}
+
+
+def occlude_view_patches(
+    pixel_values: torch.Tensor,
+    blocks: Sequence[Sequence[int]],
+    view_token_of_patch: Sequence[int],
+    grid_columns: int,
+    patch_size: int,
+) -> torch.Tensor:
+    """(1, views, 3, S, S) pixels of one image seen as several views (tiles and a global view),
+    repeated once per block of patch ids, each block's patches set to zero (the normalised
+    mean). ``view_token_of_patch[patch]`` is the patch's token among all views' patches (view
+    after view, row-major, ``grid_columns`` a row)."""
+    per_view = pixel_values.shape[-2] // patch_size * grid_columns
+    occluded = pixel_values.repeat(len(blocks), 1, 1, 1, 1)
+    for slot, block in enumerate(blocks):
+        for patch_id in block:
+            view, local = divmod(int(view_token_of_patch[patch_id]), per_view)
+            top, left = (index * patch_size for index in divmod(local, grid_columns))
+            occluded[slot, view, :, top : top + patch_size, left : left + patch_size] = 0
+    return occluded
 
 
 def vision_layer_methods(

@@ -14,6 +14,7 @@ from torch import nn
 from models.blip_explainer import BlipExplainer
 from models.explainer import CaptionerExplainer
 from models.llava_explainer import LlavaExplainer
+from models.llava_onevision_explainer import LlavaOnevisionExplainer
 from models.loading import (
     ModelUnavailableError,
     ProgressCallback,
@@ -29,6 +30,7 @@ from models.smolvlm_explainer import Idefics3Explainer, SmolVLMExplainer
 CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
     BlipExplainer,
     LlavaExplainer,
+    LlavaOnevisionExplainer,
     SmolVLMExplainer,
     Idefics3Explainer,
     Qwen2VLExplainer,
