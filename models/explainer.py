@@ -138,15 +138,17 @@ class Decoding:
     num_beams: int = 1
 
 
-# A target maps log-probabilities (..., tokens, vocabulary) to one score per leading index.
-Target = Callable[[torch.Tensor], torch.Tensor]
+# A target maps log-probabilities (..., rows, vocabulary) of the logits' rows from ``first_row``
+# on to one score per leading index. (A chat model's prompt holds a thousand ids and more, and
+# its vocabulary 150 000: the rows before the answer would cost gigabytes and are never read.)
+Target = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def token_log_prob_target(token_ids: Sequence[int], positions: Sequence[int]) -> Target:
     """Target: summed log p of the ids at ``positions``, each scored by the logits before it."""
 
-    def target(log_probs: torch.Tensor) -> torch.Tensor:
-        return sum(log_probs[..., position - 1, token_ids[position]] for position in positions)
+    def target(log_probs: torch.Tensor, first_row: int) -> torch.Tensor:
+        return sum(log_probs[..., position - 1 - first_row, token_ids[position]] for position in positions)
 
     return target
 
@@ -154,8 +156,8 @@ def token_log_prob_target(token_ids: Sequence[int], positions: Sequence[int]) ->
 def contrastive_target(token_ids: Sequence[int], position: int, foil_id: int) -> Target:
     """Target: log p(the caption's id) - log p(foil id) at one position ("why dog, not cat?")."""
 
-    def target(log_probs: torch.Tensor) -> torch.Tensor:
-        row = log_probs[..., position - 1, :]
+    def target(log_probs: torch.Tensor, first_row: int) -> torch.Tensor:
+        row = log_probs[..., position - 1 - first_row, :]
         return row[..., token_ids[position]] - row[..., foil_id]
 
     return target
@@ -458,9 +460,13 @@ class CaptionerExplainer(PretrainedExplainer):
         """The processor's image inputs for a batch of RGB images, on the device."""
         return {"pixel_values": self.pixel_values(images)}
 
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """(batch, ids, vocabulary) logits of one forward pass over the given ids, as they are."""
-        return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
+        """(batch, ids - first_row, vocabulary) logits of one forward pass over the given ids, as
+        they are, at the positions from ``first_row`` on (chat families ask the model for those
+        alone: ``logits_to_keep``)."""
+        return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits[:, first_row:]
 
     def caption(self, image: Image.Image, prompt: str = "", max_new_tokens: int = 30, num_beams: int = 1) -> Caption:
         """Generate a caption (greedy when ``num_beams`` is 1), optionally continuing ``prompt``,
@@ -618,7 +624,7 @@ class CaptionerExplainer(PretrainedExplainer):
         ids = torch.tensor([caption.token_ids], device=self.device)
         if isinstance(chosen, OcclusionMethod):
             blocks = occlusion_blocks(self.image_geometry(image.size))
-            scores, cam_patches = self._occlusion_maps(inputs, ids, targets, blocks)
+            scores, cam_patches = self._occlusion_maps(inputs, ids, targets, blocks, caption.prompt_length - 1)
         else:
             scores, cam_patches = self._gradient_maps(chosen, inputs, ids, targets, caption, indices)
         cam_patches = cam_patches.float().cpu().numpy()  # (W, maps, patches)
@@ -647,14 +653,16 @@ class CaptionerExplainer(PretrainedExplainer):
             torch.enable_grad(),
             capture_outputs(method.modules, output_index=method.output_index) as captured,
         ):
-            log_probs = self.teacher_forced_logits(inputs, ids)[0].float().log_softmax(dim=-1)  # (T, V)
+            # Rows from the one before the caption's first word: no target reads the prompt's.
+            first_row = caption.prompt_length - 1
+            log_probs = self.teacher_forced_logits(inputs, ids, first_row)[0].float().log_softmax(dim=-1)
             missing = [name for name, value in zip(method.layer_names, captured, strict=True) if value is None]
             if missing:
                 raise MissingCaptureError(
                     f"{method.label}: nothing was captured at {', '.join(missing)} "
                     "(attention probabilities need attn_implementation='eager')"
                 )
-            scores = torch.stack([target(log_probs) for target in targets])  # (W,)
+            scores = torch.stack([target(log_probs, first_row) for target in targets])  # (W,)
             # One backward pass per word over the one shared forward graph. (Batching them with
             # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.) Each
             # word's gradients become its maps at once: kept for every word, the gradients of
@@ -688,13 +696,16 @@ class CaptionerExplainer(PretrainedExplainer):
         ids: torch.Tensor,
         targets: Sequence[Target],
         blocks: Sequence[Sequence[int]],
+        first_row: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (words,) and maps (words, 1, patches): the drop of each target when a block of
-        patches is occluded, in batched forward passes; every patch of a block gets its drop."""
+        patches is occluded, in batched forward passes; every patch of a block gets its drop.
+        Only the logits' rows from ``first_row`` on are computed (see ``Target``)."""
 
         def scores_of(batch_inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:  # -> (B, W)
-            log_probs = self.teacher_forced_logits(batch_inputs, ids.expand(batch, -1)).float().log_softmax(dim=-1)
-            return torch.stack([target(log_probs) for target in targets], dim=-1)
+            logits = self.teacher_forced_logits(batch_inputs, ids.expand(batch, -1), first_row)
+            log_probs = logits.float().log_softmax(dim=-1)
+            return torch.stack([target(log_probs, first_row) for target in targets], dim=-1)
 
         base_scores = scores_of(inputs, 1)[0]  # (W,)
         cam = torch.zeros(len(targets), sum(len(block) for block in blocks), device=self.device)

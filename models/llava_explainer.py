@@ -120,6 +120,13 @@ class LlavaExplainer(CaptionerExplainer):
         )
         return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
 
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
+        return self.model(
+            input_ids=ids, **inputs, use_cache=False, logits_to_keep=ids.shape[1] - first_row
+        ).logits
+
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         # Only those that reach the words: re-randomising a layer above vision_feature_layer
         # would change nothing, and the sanity check would pass for the wrong reason.

@@ -261,11 +261,6 @@ class LlavaOnevisionExplainer(LlavaExplainer):
             raise ValueError("images of one batch must share one size: each fills the same image tokens")
         return {"pixel_values": batch["pixel_values"].to(self.device), "image_sizes": sizes.to(self.device)}
 
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        return self.model(
-            input_ids=ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], use_cache=False
-        ).logits
-
     def occluded_inputs(self, inputs: dict[str, torch.Tensor], blocks) -> dict:
         """Pixels (1, views, 3, S, S) repeated once per block, each patch of the block zeroed
         (the normalised mean) in the view it belongs to."""

@@ -276,7 +276,9 @@ class Qwen2VLExplainer(CaptionerExplainer):
             raise ValueError("images of one batch must share one size: each fills the same image tokens")
         return {"pixel_values": batch["pixel_values"].to(self.device), "image_grid_thw": grids.to(self.device)}
 
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
         mm_token_type_ids = (ids == self.image_token_id).long() * IMAGE_TOKEN_TYPE
         # Positions computed here rather than by forward(), which would store them on the shared
         # model (``rope_deltas``) that other threads' generate() calls use.
@@ -290,6 +292,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
             mm_token_type_ids=mm_token_type_ids,
             position_ids=position_ids,
             use_cache=False,
+            logits_to_keep=ids.shape[1] - first_row,
         ).logits
 
     def prompt_text(self, instruction: str) -> str:

@@ -237,12 +237,15 @@ class SmolVLMExplainer(CaptionerExplainer):
             "pixel_attention_mask": processed["pixel_attention_mask"].to(self.device),
         }
 
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
         return self.model(
             input_ids=ids,
             pixel_values=inputs["pixel_values"],
             pixel_attention_mask=inputs["pixel_attention_mask"],
             use_cache=False,
+            logits_to_keep=ids.shape[1] - first_row,
         ).logits
 
     def occluded_inputs(self, inputs: dict[str, torch.Tensor], blocks: Sequence[Sequence[int]]) -> dict:

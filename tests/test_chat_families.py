@@ -1,6 +1,6 @@
-"""Every chat family loads in bfloat16 (the sidebar's Precision box) and explains close to float32,
-on its tiny model: the same caption ids scored within bfloat16's resolution, gradient maps that
-follow float32's."""
+"""What every chat family shares, on its tiny model: it loads in bfloat16 (the sidebar's Precision
+box) and explains close to float32; its explanations compute the output layer only at the
+answer's rows (a real prompt holds a thousand ids and more, the vocabulary 150 000)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,22 @@ def test_a_bfloat16_chat_model_captions_and_explains_close_to_float32(family, tm
             assert compared, f"no word with a {method} map to compare"
             # Measured on these tiny models: >= 0.98 but at the SmolVLM connector (0.88 to 0.98).
             assert all(np.corrcoef(f, h)[0, 1] > 0.85 for f, h in compared), method
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_explanations_compute_logits_only_from_the_row_before_the_answer(family, tmp_path):
+    explainer = load_captioner(str(save_family(family, tmp_path / family)), device="cpu")
+    image = random_image(5, IMAGE_SIZE)
+    caption = explainer.caption(image, max_new_tokens=4)
+    output_layer = explainer.model.get_output_embeddings()
+    rows_seen = []
+    handle = output_layer.register_forward_hook(lambda module, inputs, output: rows_seen.append(inputs[0].shape[-2]))
+    try:
+        for method in ("attention", "occlusion"):
+            (maps,) = explainer.explain(image, caption, [0], method=method)
+            assert np.isfinite(maps.score)
+    finally:
+        handle.remove()
+    answer_rows = len(caption.token_ids) - caption.prompt_length + 1
+    assert rows_seen and set(rows_seen) == {answer_rows}, (rows_seen, answer_rows)
+    assert caption.prompt_length > 2 * answer_rows, "the prompt is the larger part: the test tells them apart"
