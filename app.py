@@ -30,7 +30,14 @@ from models.analysis import (
     word_probabilities,
 )
 from models.clip_explainer import ClipExplainer, ClipMap, Similarity
-from models.explainer import Caption, CaptionerExplainer, Decoding, PromptTooLongError, WordMaps
+from models.explainer import (
+    Caption,
+    CaptionerExplainer,
+    Decoding,
+    ExplanationTooLargeError,
+    PromptTooLongError,
+    WordMaps,
+)
 from models.families import load_captioner
 from models.loading import (
     PRECISIONS,
@@ -496,7 +503,12 @@ def heatmap_ui(page: Page, word: int, page_view: ViewSettings) -> None:
     view = heatmap_controls_ui(page.captioner)
     if (view.method, view.layer) != (page_view.method, page_view.layer):
         st.rerun(scope="app")
-    maps = page.word_maps(view.method, word)
+    try:
+        maps = page.word_maps(view.method, word)
+    except ExplanationTooLargeError as error:
+        # Nothing below can be drawn without the maps; the method box above stays to choose another.
+        st.error(escape_markdown(str(error)))
+        st.stop()
     heat, value_range = page.heat_images(maps)
     overlay = overlay_heatmap(
         page.display_image,

@@ -28,7 +28,7 @@ from torch import nn
 from models.cam_methods import VISION_LAYER_METHODS, gradient_attention
 from models.denormals import in_denormal_mode
 from models.hooks import capture_outputs
-from models.loading import PretrainedExplainer
+from models.loading import PretrainedExplainer, available_memory_bytes
 from utils.patch_utils import ImageGeometry, squash_geometry
 
 # A word is a run of letters and digits (with inner hyphens or apostrophes), or one mark of
@@ -183,6 +183,9 @@ class GradientMethod:
             geometry, in its order, the token of ``relevance``'s output it takes (for tokens that
             are not in row-major patch order, or that cover several patches); None when
             ``relevance`` already returns one value per patch in the geometry's order.
+        attention_heads: for a method that reads a decoder-only model's self-attention over
+            the whole sequence, the heads of all its modules together: its memory grows with
+            the square of the sequence (see ``check_attention_memory``).
     """
 
     label: str
@@ -192,6 +195,7 @@ class GradientMethod:
     output_index: int = 0
     pooled_name: str | None = None
     token_of_patch: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    attention_heads: int = 0
 
     @property
     def map_names(self) -> tuple[str, ...]:
@@ -291,6 +295,7 @@ def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerR
     """Gradient x attention in a decoder-only model's language layers (eager attention: the
     probabilities are the second output), one map per layer, then their mean."""
     count = len(attentions)
+    heads = sum(module.config.num_attention_heads for module in attentions)
     return GradientMethod(
         "Gradient x attention to the image tokens, language model layers",
         tuple(attentions),
@@ -298,6 +303,7 @@ def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerR
         relevance,
         output_index=1,  # (attention output, attention probabilities)
         pooled_name=f"language model attention, mean of all {count} layers",
+        attention_heads=heads,
         **options,
     )
 
@@ -389,6 +395,34 @@ def occlusion_blocks(geometry: ImageGeometry) -> list[list[int]]:
 class MissingCaptureError(RuntimeError):
     """A module a method reads returned nothing to capture during the forward pass (attention
     probabilities under SDPA, say: they need ``attn_implementation="eager"``)."""
+
+
+class ExplanationTooLargeError(MemoryError):
+    """An explanation would need more memory than the machine has free (checked before it runs:
+    running out would end the process that serves every session)."""
+
+
+# What one word's gradient x attention keeps per head and pair of positions: the probabilities
+# (saved for the backward pass), the scores the eager softmax reads, and their gradient.
+ATTENTION_COPIES = 3
+
+
+def check_attention_memory(method: Method, sequence_length: int, dtype: torch.dtype) -> None:
+    """Refuse a method that reads whole-sequence self-attention when its attention maps alone
+    would not fit in the free memory (a lower bound of what it needs).
+
+    Raises:
+        ExplanationTooLargeError: with what it needs, what is free and what to do instead.
+    """
+    heads = getattr(method, "attention_heads", 0)
+    needed = ATTENTION_COPIES * heads * sequence_length**2 * dtype.itemsize
+    free = available_memory_bytes()
+    if heads and free is not None and needed > free:
+        raise ExplanationTooLargeError(
+            f"{method.label} over this image's {sequence_length} tokens would hold about "
+            f"{needed / 2**30:.1f} GB of attention maps, and this machine has {free / 2**30:.1f} GB free. "
+            "Choose another method (the vision-layer methods need far less), a smaller image, or bfloat16."
+        )
 
 
 # Chat models caption by answering an instruction; the page's prompt box replaces it.
@@ -626,6 +660,7 @@ class CaptionerExplainer(PretrainedExplainer):
             blocks = occlusion_blocks(self.image_geometry(image.size))
             scores, cam_patches = self._occlusion_maps(inputs, ids, targets, blocks, caption.prompt_length - 1)
         else:
+            check_attention_memory(chosen, ids.shape[1], next(self.model.parameters()).dtype)
             scores, cam_patches = self._gradient_maps(chosen, inputs, ids, targets, caption, indices)
         cam_patches = cam_patches.float().cpu().numpy()  # (W, maps, patches)
         return [

@@ -65,3 +65,42 @@ def test_explanations_compute_logits_only_from_the_row_before_the_answer(family,
     answer_rows = len(caption.token_ids) - caption.prompt_length + 1
     assert rows_seen and set(rows_seen) == {answer_rows}, (rows_seen, answer_rows)
     assert caption.prompt_length > 2 * answer_rows, "the prompt is the larger part: the test tells them apart"
+
+
+def test_an_attention_map_too_large_for_the_free_memory_is_refused_and_the_page_offers_another_method(
+    tmp_path, monkeypatch
+):
+    """Gradient x attention keeps heads x T^2 floats per layer: refused before it runs (running
+    out would end the server of every session); the vision methods still run."""
+    from models import explainer as engine
+    from tests.app_helpers import pick_example, start_app
+    from tests.test_app_families import EXAMPLE_NAME
+
+    folder = save_family("llava_onevision", tmp_path / "onevision")
+    explainer = load_captioner(str(folder), device="cpu")
+    image = random_image(3, IMAGE_SIZE)
+    caption = explainer.caption(image, max_new_tokens=4)
+    heads = explainer.methods["attention"].attention_heads
+    assert heads == explainer.model.config.text_config.num_attention_heads * len(explainer.attention_layers)
+    needed = engine.ATTENTION_COPIES * heads * len(caption.token_ids) ** 2 * 4
+    monkeypatch.setattr(engine, "available_memory_bytes", lambda: needed - 1)
+    with pytest.raises(engine.ExplanationTooLargeError, match="GB of attention maps"):
+        explainer.explain(image, caption, [0], method="attention")
+    assert explainer.explain(image, caption, [0], method="hirescam")[0].cam_patches.max() > 0
+    monkeypatch.setattr(engine, "available_memory_bytes", lambda: needed)
+    explainer.explain(image, caption, [0], method="attention")  # exactly enough: runs
+
+    monkeypatch.setattr(engine, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setenv("VLM_EXPLAINER_CAPTIONER_DIR", str(folder))
+    app = start_app()
+    local = next(label for label in app.sidebar.selectbox(key="model_label").options if label.startswith("Local"))
+    app.sidebar.selectbox(key="model_label").set_value(local).run()
+    pick_example(app, EXAMPLE_NAME)
+    assert not app.exception, app.exception
+    assert any("GB of attention maps" in error.value for error in app.error), "one clear message"
+    assert app.subheader, "the caption stays on the page"
+    assert "measure" not in [button.key for button in app.button], "no metrics without maps"
+    app.selectbox(key="method").set_value("hirescam").run()
+    assert not app.exception, app.exception
+    assert not any("GB of attention maps" in error.value for error in app.error)
+    assert "measure" in [button.key for button in app.button], "the page goes on with the vision method"
