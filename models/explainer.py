@@ -281,18 +281,36 @@ def _word_row_attention(attention, gradients, caption, word_indices) -> torch.Te
     return torch.stack(maps)
 
 
-def attention_row_relevance(first_patch_key: int) -> LayerRelevance:
+def attention_row_relevance(first_patch_key: int, patch_count: int | None = None) -> LayerRelevance:
     """Gradient x attention from each word's rows to the image's patch keys (cross-attention,
     whose keys are the vision tokens).
 
     Args:
         first_patch_key: keys before it are not patches (1 for a CLS token).
+        patch_count: how many patch keys follow it; None: all the remaining keys (keys after
+            the patches, Florence-2's prompt text, are none).
     """
+    last_patch_key = None if patch_count is None else first_patch_key + patch_count
 
     def relevance(attention, gradients, caption, word_indices):
-        return _word_row_attention(attention, gradients, caption, word_indices)[:, first_patch_key:]
+        return _word_row_attention(attention, gradients, caption, word_indices)[:, first_patch_key:last_patch_key]
 
     return relevance
+
+
+def cross_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance) -> Method:
+    """Gradient x cross-attention in a text decoder's layers (BLIP, Florence-2; eager attention:
+    the probabilities are the second output), one map per layer, then their mean: every layer's
+    cross-attention carries part of the image evidence to the word."""
+    count = len(attentions)
+    return GradientMethod(
+        "Gradient x cross-attention, text decoder layers",
+        tuple(attentions),
+        tuple(f"decoder cross-attention {index + 1}/{count}" for index in range(count)),
+        relevance,
+        output_index=1,  # (context, attention probabilities)
+        pooled_name=f"decoder cross-attention, mean of all {count} layers",
+    )
 
 
 def image_token_attention_relevance(image_token_id: int, first_patch_token: int = 0) -> LayerRelevance:
@@ -374,6 +392,9 @@ class CaptionerExplainer(PretrainedExplainer):
     # The sidebar's text box: what the family's ``caption(prompt=...)`` does with it.
     prompt_label: ClassVar[str] = "Prompt"
     prompt_help: ClassVar[str] = ""
+    # Families whose prompt is one of a few tasks (Florence-2) list them, the default first:
+    # the page offers a select box instead of the text box.
+    prompt_choices: ClassVar[tuple[str, ...]] = ()
     # Chat families: a caption's text is the answer alone; the template and the instruction
     # are what the model was asked, not what it wrote (the page shows the text, CLIP reads it).
     # Captioners whose prompt starts the caption (BLIP) keep it in the text.

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.blip_explainer import BlipExplainer
 from models.explainer import CaptionerExplainer
+from models.florence2_explainer import Florence2Explainer
 from models.llava_explainer import LlavaExplainer
 from models.loading import (
     ModelUnavailableError,
@@ -34,6 +35,7 @@ CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
     Qwen2VLExplainer,
     Qwen2_5_VLExplainer,
     Qwen3VLExplainer,
+    Florence2Explainer,
 )
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"
