@@ -39,7 +39,7 @@ CORPUS = [
     "What does the image describe?",
     "Describe in detail what is shown in the image.",
     "Describe with a paragraph what is shown in the image.",
-    "A red circles and a blue square on the grass.",
+    "A red circle and a blue square on the grass.",
     "Two green triangles above a dog; the dog is brown.",
 ] * 20
 
@@ -49,9 +49,7 @@ def tiny_bart_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS)
     tokenizer.train_from_iterator(CORPUS, trainer)
     built = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -102,8 +100,11 @@ def build_tiny_florence2(seed: int = 0) -> tuple[Florence2ForConditionalGenerati
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = Florence2ForConditionalGeneration(config).eval()
-    # Florence-2's generation config forces <s> after the decoder's start id </s>.
+    # Florence-2's generation config forces <s> after the decoder's start id </s>; random
+    # weights would then repeat <s>, which no n-gram repeat lets them do (the real checkpoint's
+    # no_repeat_ngram_size of 3 keeps its captions from looping the same way).
     model.generation_config.forced_bos_token_id = BOS_ID
+    model.generation_config.no_repeat_ngram_size = 1
     image_processor = CLIPImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
