@@ -10,6 +10,7 @@ denormal floats, which on some CPUs is ten times slower.
 
     python bench/speed.py --json bench/results/speed.json
     python bench/speed.py --family smolvlm --json bench/results/speed_smolvlm.json
+    python bench/speed.py --family florence2 --json bench/results/speed_florence2.json
 """
 
 from __future__ import annotations
@@ -25,21 +26,30 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    BartConfig,
     BertTokenizer,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipProcessor,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2Processor,
+    Florence2VisionConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     LlamaConfig,
+    PreTrainedTokenizerFast,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from models.denormals import set_flush_denormal_everywhere
 from models.explainer import DEFAULT_INSTRUCTION, Caption, CaptionerExplainer
 from models.families import explainer_for_model
+from models.florence2_explainer import CAPTION_TASKS
 from models.hooks import capture_outputs
 from models.smolvlm_explainer import END_OF_UTTERANCE, IMAGE_TOKEN, SmolVLMImageTextProcessor
 from models.smolvlm_offline import BOS, CORPUS, PAD, offline_smolvlm_tokenizer
@@ -132,6 +142,73 @@ def build_smolvlm_256m_architecture(
     return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
 
 
+FLORENCE2_SPECIAL_TOKENS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+FLORENCE2_IMAGE_TOKEN = "<image>"
+
+
+def build_florence2_base_architecture(flush_denormals: bool = True) -> CaptionerExplainer:
+    """Florence-2-base's architecture (florence-community/Florence-2-base), random weights, a
+    synthetic word-level vocabulary of the real size.
+
+    Sources of the numbers: Florence2VisionConfig's defaults are the base DaViT (depths 1, 1, 9,
+    1; widths 128 to 1024; window 12) but its projection_dim (1024) is the large model's: base
+    projects to 768, BART base's width (6 encoder and 6 decoder layers, 12 heads, 3072-wide
+    feed-forward, 1024 positions). The vocabulary is BART's 51289 pieces (with Florence-2's
+    location tokens) plus the <image> token, id 51289 (Florence2Config's default). The
+    processor squashes images to 768 x 768: a 24 x 24 grid of 32 px tokens plus their mean,
+    577 image tokens (the checkpoint's preprocessor_config.json).
+    """
+    vocabulary = {f"w{index}": index for index in range(51289)}
+    for token, index in FLORENCE2_SPECIAL_TOKENS.items():
+        vocabulary.pop(f"w{index}")
+        vocabulary[token] = index
+    vocabulary[FLORENCE2_IMAGE_TOKEN] = 51289
+    word_level = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_level.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": FLORENCE2_IMAGE_TOKEN},
+    )
+    config = Florence2Config(
+        vision_config=Florence2VisionConfig(projection_dim=768),
+        text_config=BartConfig(
+            vocab_size=len(vocabulary),
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_attention_heads=12,
+            decoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            decoder_ffn_dim=3072,
+            max_position_embeddings=1024,
+            bos_token_id=0,
+            pad_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+        image_token_id=vocabulary[FLORENCE2_IMAGE_TOKEN],
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config).eval().requires_grad_(False)
+    image_processor = CLIPImageProcessorPil(
+        size={"height": 768, "width": 768}, do_center_crop=False, resample=3,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], image_seq_length=577,
+    )
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
+
+
+def florence2_caption(explainer: CaptionerExplainer, image: Image.Image, words: int) -> Caption:
+    """The encoder's text for <CAPTION>, then ``words`` synthetic words (one id each) between the
+    decoder's </s> <s> and </s>, as ``caption`` returns one."""
+    text_ids = explainer.prompt_inputs(image, CAPTION_TASKS[0])["input_ids"][0, explainer.image_token_count :]
+    bos, eos = FLORENCE2_SPECIAL_TOKENS["<s>"], FLORENCE2_SPECIAL_TOKENS["</s>"]
+    decoder_ids = [eos, bos, *range(1000, 1000 + words), eos]
+    return explainer.caption_from_ids([*text_ids.tolist(), *decoder_ids], len(text_ids) + 1)
+
+
 def blip_caption(explainer: CaptionerExplainer, image: Image.Image, words: int) -> Caption:
     """``words`` synthetic words (one vocabulary id each) between BLIP's [DEC] and [SEP]."""
     text_config = explainer.model.config.text_config
@@ -158,6 +235,13 @@ FAMILIES = {
         f"SmolVLM-256M-Instruct architecture (Idefics3), random weights, long side {SMOLVLM_LONGEST_EDGE} px",
         "attention",
         smolvlm_caption,
+    ),
+    # HiResCAM: its gradient crosses the whole DaViT tower, as BLIP's Grad-CAM crosses its ViT.
+    "florence2": (
+        build_florence2_base_architecture,
+        "Florence-2-base architecture, random weights, 768 px",
+        "hirescam",
+        florence2_caption,
     ),
 }
 
