@@ -164,6 +164,11 @@ def contrastive_target(token_ids: Sequence[int], position: int, foil_id: int) ->
 # How one captured layer becomes patch relevance: (activation (1, ...), gradients (words, 1, ...),
 # caption, word indices) -> (words, patches).
 LayerRelevance = Callable[[torch.Tensor, torch.Tensor, Caption, Sequence[int]], torch.Tensor]
+# How all of a method's captured modules together become its maps: (activations, gradients,
+# caption, word indices) -> one (words, patches) map per map name.
+ComposedRelevance = Callable[
+    [Sequence[torch.Tensor], Sequence[torch.Tensor], Caption, Sequence[int]], list[torch.Tensor]
+]
 
 
 @dataclass(frozen=True)
@@ -181,15 +186,20 @@ class GradientMethod:
             geometry, in its order, the token of ``relevance``'s output it takes (for tokens that
             are not in row-major patch order, or that cover several patches); None when
             ``relevance`` already returns one value per patch in the geometry's order.
+        compose: if set, it makes the maps instead of ``relevance`` (then None), from all the
+            modules' outputs and gradients at once, one map per ``layer_names`` entry: for a
+            map that carries one module's relevance through another's attention (BLIP-2: the
+            language model's attention to the queries, through the Q-Former to the patches).
     """
 
     label: str
     modules: tuple[nn.Module, ...]
     layer_names: tuple[str, ...]
-    relevance: LayerRelevance
+    relevance: LayerRelevance | None
     output_index: int = 0
     pooled_name: str | None = None
     token_of_patch: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    compose: ComposedRelevance | None = None
 
     @property
     def map_names(self) -> tuple[str, ...]:
@@ -621,7 +631,8 @@ class CaptionerExplainer(PretrainedExplainer):
             capture_outputs(method.modules, output_index=method.output_index) as captured,
         ):
             log_probs = self.teacher_forced_logits(inputs, ids)[0].float().log_softmax(dim=-1)  # (T, V)
-            missing = [name for name, value in zip(method.layer_names, captured, strict=True) if value is None]
+            module_names = method.layer_names if method.compose is None else [type(m).__name__ for m in method.modules]
+            missing = [name for name, value in zip(module_names, captured, strict=True) if value is None]
             if missing:
                 raise MissingCaptureError(
                     f"{method.label}: nothing was captured at {', '.join(missing)} "
@@ -635,10 +646,13 @@ class CaptionerExplainer(PretrainedExplainer):
                 for slot, score in enumerate(scores)
             ]
         gradients = [torch.stack(layer_gradients) for layer_gradients in zip(*per_word, strict=True)]  # (W, 1, ...)
-        maps = [
-            method.relevance(activation, gradient, caption, word_indices)  # (W, patches)
-            for activation, gradient in zip(captured, gradients, strict=True)
-        ]
+        if method.compose is not None:
+            maps = method.compose(captured, gradients, caption, word_indices)
+        else:
+            maps = [
+                method.relevance(activation, gradient, caption, word_indices)  # (W, patches)
+                for activation, gradient in zip(captured, gradients, strict=True)
+            ]
         if method.token_of_patch is not None:
             index = method.token_of_patch(inputs)
             maps = [layer_map[:, index] for layer_map in maps]

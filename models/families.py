@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.blip2_explainer import Blip2Explainer
 from models.blip_explainer import BlipExplainer
 from models.explainer import CaptionerExplainer
 from models.florence2_explainer import Florence2Explainer
@@ -36,6 +37,7 @@ CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
     Qwen2_5_VLExplainer,
     Qwen3VLExplainer,
     Florence2Explainer,
+    Blip2Explainer,
 )
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"
