@@ -35,10 +35,12 @@ from models.explainer import (
     GradientMethod,
     LayerRelevance,
     Method,
-    MissingCaptureError,
     OcclusionMethod,
+    attention_layers_method,
     image_token_attention_relevance,
     patch_token_relevance,
+    special_token_ids,
+    switch_to_eager_attention,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, squash_geometry
@@ -56,7 +58,7 @@ class Blip2Explainer(CaptionerExplainer):
     """BLIP-2 captioning (``Blip2ForConditionalGeneration`` with OPT) explained word by word.
 
     The language model and the Q-Former are switched to eager attention on construction (the
-    model is then this explainer's), and refused if that fails.
+    model is then this explainer's), and refused if that fails (MissingCaptureError).
     """
 
     model_class = Blip2ForConditionalGeneration
@@ -77,13 +79,7 @@ class Blip2Explainer(CaptionerExplainer):
                 f"BLIP-2 with a {config.text_config.model_type} (encoder-decoder) language model is not "
                 "supported: choose an OPT checkpoint such as Salesforce/blip2-opt-2.7b"
             )
-        model.set_attn_implementation({"text_config": "eager", "qformer_config": "eager"})
-        for part in (config.text_config, config.qformer_config):
-            if part._attn_implementation != "eager":
-                raise MissingCaptureError(
-                    f"the {part.model_type} part uses {part._attn_implementation!r} attention, "
-                    "which returns no attention probabilities; eager attention is needed"
-                )
+        switch_to_eager_attention(model, ["text_config", "qformer_config"])
         self.image_token_id = config.image_token_id
         self.query_count = config.num_query_tokens
         vision_model = model.vision_model
@@ -94,12 +90,7 @@ class Blip2Explainer(CaptionerExplainer):
             layer.crossattention.attention for layer in model.qformer.encoder.layer if layer.has_cross_attention
         ]
         self.language_attentions = [layer.self_attn for layer in model.language_model.get_decoder().layers]
-        text_config = config.text_config
-        self.special_ids = frozenset(processor.tokenizer.all_special_ids) | {self.image_token_id} | {
-            token_id
-            for token_id in (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id)
-            if isinstance(token_id, int)
-        }
+        self.special_ids = special_token_ids(processor.tokenizer, config.text_config, self.image_token_id)
         self.patch_size = config.vision_config.patch_size
         size = processor.image_processor.size
         self.grid_shape = (size["height"] // self.patch_size, size["width"] // self.patch_size)
@@ -120,13 +111,9 @@ class Blip2Explainer(CaptionerExplainer):
             pooled_name=f"queries through the Q-Former, mean of all {count} cross-attention layers",
             compose=self.compose_query_maps,
         )
-        qformer = GradientMethod(
-            "Gradient x cross-attention, Q-Former layers",
-            tuple(self.cross_attentions),
-            cross_names,
-            query_cross_attention_relevance,
-            output_index=1,
-            pooled_name=f"Q-Former cross-attention, mean of all {count} layers",
+        qformer = attention_layers_method(
+            "Gradient x cross-attention, Q-Former layers", "Q-Former cross-attention",
+            self.cross_attentions, query_cross_attention_relevance,
         )
         vision_methods = vision_layer_methods(
             self.vision_layers, lambda cam: patch_token_relevance(cam, first_patch_token=1)  # after CLS

@@ -261,18 +261,45 @@ def vision_layer_methods(
     }
 
 
-def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance, **options) -> Method:
-    """Gradient x attention in a decoder-only model's language layers (eager attention: the
-    probabilities are the second output), one map per layer, then their mean."""
+def attention_layers_method(
+    label: str, layer_label: str, attentions: Sequence[nn.Module], relevance: LayerRelevance, **options
+) -> Method:
+    """Gradient x attention in a stack of attention layers (eager attention: the probabilities
+    are the second output), one map per layer ("``layer_label`` i/n"), then their mean: every
+    layer carries part of the image evidence to the word.
+
+    Args:
+        label: what the page calls the method.
+        layer_label: what a map is called, before its index.
+        attentions: the attention modules, shallow to deep.
+        relevance: turns one layer's probabilities and gradients into patch relevance.
+        options: passed on to the GradientMethod (e.g. ``token_of_patch``).
+    """
     count = len(attentions)
     return GradientMethod(
-        "Gradient x attention to the image tokens, language model layers",
+        label,
         tuple(attentions),
-        tuple(f"language model attention {index + 1}/{count}" for index in range(count)),
+        tuple(f"{layer_label} {index + 1}/{count}" for index in range(count)),
         relevance,
         output_index=1,  # (attention output, attention probabilities)
-        pooled_name=f"language model attention, mean of all {count} layers",
+        pooled_name=f"{layer_label}, mean of all {count} layers",
         **options,
+    )
+
+
+def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance, **options) -> Method:
+    """Gradient x attention in a decoder-only model's language layers, one map per layer, then their mean."""
+    return attention_layers_method(
+        "Gradient x attention to the image tokens, language model layers", "language model attention",
+        attentions, relevance, **options,
+    )
+
+
+def cross_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance) -> Method:
+    """Gradient x cross-attention in a text decoder's layers (BLIP, Florence-2), one map per
+    layer, then their mean."""
+    return attention_layers_method(
+        "Gradient x cross-attention, text decoder layers", "decoder cross-attention", attentions, relevance
     )
 
 
@@ -306,21 +333,6 @@ def attention_row_relevance(first_patch_key: int, patch_count: int | None = None
         return _word_row_attention(attention, gradients, caption, word_indices)[:, first_patch_key:last_patch_key]
 
     return relevance
-
-
-def cross_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance) -> Method:
-    """Gradient x cross-attention in a text decoder's layers (BLIP, Florence-2; eager attention:
-    the probabilities are the second output), one map per layer, then their mean: every layer's
-    cross-attention carries part of the image evidence to the word."""
-    count = len(attentions)
-    return GradientMethod(
-        "Gradient x cross-attention, text decoder layers",
-        tuple(attentions),
-        tuple(f"decoder cross-attention {index + 1}/{count}" for index in range(count)),
-        relevance,
-        output_index=1,  # (context, attention probabilities)
-        pooled_name=f"decoder cross-attention, mean of all {count} layers",
-    )
 
 
 def image_token_attention_relevance(image_token_id: int, first_patch_token: int = 0) -> LayerRelevance:
@@ -367,6 +379,37 @@ def occlusion_blocks(geometry: ImageGeometry) -> list[list[int]]:
 class MissingCaptureError(RuntimeError):
     """A module a method reads returned nothing to capture during the forward pass (attention
     probabilities under SDPA, say: they need ``attn_implementation="eager"``)."""
+
+
+def switch_to_eager_attention(model: nn.Module, config_names: Sequence[str]) -> None:
+    """Switch the named sub-models (``"text_config"``, ...) to eager attention, which returns
+    attention probabilities (SDPA returns none); the model is then the explainer's.
+
+    Raises:
+        MissingCaptureError: a sub-model did not switch.
+    """
+    model.set_attn_implementation(dict.fromkeys(config_names, "eager"))
+    for name in config_names:
+        implementation = getattr(model.config, name)._attn_implementation
+        if implementation != "eager":
+            raise MissingCaptureError(
+                f"the {name.removesuffix('_config')} model uses {implementation!r} attention, "
+                "which returns no attention probabilities; eager attention is needed"
+            )
+
+
+def special_token_ids(tokenizer, text_config, *extra_ids: int) -> frozenset[int]:
+    """Ids that are never words: the tokenizer's special ids, the text config's BOS, EOS,
+    padding and decoder-start ids (each an id, a list of ids, or unset), and ``extra_ids``
+    (image tokens)."""
+    names = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    configured = (getattr(text_config, name, None) for name in names)
+    return frozenset(tokenizer.all_special_ids) | set(extra_ids) | {
+        token_id
+        for value in configured
+        for token_id in (value if isinstance(value, (list, tuple)) else [value])
+        if isinstance(token_id, int)
+    }
 
 
 # Chat models caption by answering an instruction; the page's prompt box replaces it.

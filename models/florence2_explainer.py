@@ -39,10 +39,11 @@ from models.explainer import (
     CaptionerExplainer,
     LayerRelevance,
     Method,
-    MissingCaptureError,
     OcclusionMethod,
     attention_row_relevance,
     cross_attention_method,
+    special_token_ids,
+    switch_to_eager_attention,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, squash_geometry
@@ -89,7 +90,8 @@ class Florence2Explainer(CaptionerExplainer):
     """Florence-2 captioning (``Florence2ForConditionalGeneration``) explained word by word.
 
     The BART model is switched to eager attention on construction (the model is then this
-    explainer's), and refused if that fails: the decoder's cross-attention is the default method.
+    explainer's), and refused if that fails (MissingCaptureError): the decoder's cross-attention
+    is the default method.
     """
 
     model_class = Florence2ForConditionalGeneration
@@ -108,12 +110,7 @@ class Florence2Explainer(CaptionerExplainer):
 
     def __init__(self, model: Florence2ForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
         config = model.config
-        model.set_attn_implementation({"text_config": "eager"})
-        if config.text_config._attn_implementation != "eager":
-            raise MissingCaptureError(
-                f"the language model uses {config.text_config._attn_implementation!r} attention, "
-                "which returns no attention probabilities; eager attention is needed"
-            )
+        switch_to_eager_attention(model, ["text_config"])
         image_processor = processor.image_processor
         if getattr(image_processor, "do_center_crop", False) or "height" not in image_processor.size:
             raise ValueError("only Florence-2's squash-to-size image processing is supported")
@@ -133,16 +130,8 @@ class Florence2Explainer(CaptionerExplainer):
             model.model.multi_modal_projector.image_proj_norm,
         ]
         self.cross_attentions = [layer.encoder_attn for layer in model.model.language_model.decoder.layers]
-        text_config = config.text_config
-        self.eos_token_id = text_config.eos_token_id
-        self.special_ids = frozenset(processor.tokenizer.all_special_ids) | {self.image_token_id} | {
-            token_id
-            for token_id in (
-                text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id,
-                text_config.decoder_start_token_id,
-            )
-            if isinstance(token_id, int)
-        }
+        self.eos_token_id = config.text_config.eos_token_id
+        self.special_ids = special_token_ids(processor.tokenizer, config.text_config, self.image_token_id)
         super().__init__(model, processor, device, flush_denormals)
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:

@@ -59,7 +59,7 @@ def build_tiny_blip2(seed: int = 0) -> tuple[Blip2ForConditionalGeneration, Blip
     """A 3-layer ViT / 4-layer Q-Former (6 queries) / 2-layer OPT BLIP-2 on 32 px images, random
     weights, eager attention."""
     image_processor = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tiny_opt_tokenizer(), num_query_tokens=QUERIES)
+    processor = Blip2Processor(image_processor, tiny_opt_tokenizer(), num_query_tokens=QUERIES)
     tokenizer = processor.tokenizer
     config = Blip2Config(
         vision_config=Blip2VisionConfig(
