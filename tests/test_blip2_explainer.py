@@ -4,13 +4,10 @@ equivalences, occlusion, hooks, threads, geometry, the page and evaluate.py."""
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
 
-import evaluate
 from models.blip2_explainer import Blip2Explainer
 from models.cam_methods import hires_cam
 from models.explainer import MissingCaptureError
@@ -311,45 +308,3 @@ def test_sanity_check_copy_randomises_the_top_vision_layer(tiny_blip2, caption_i
     assert np.abs(randomised.token_log_probs([image], caption_ids)[0, 1:] - trained).max() > 1e-5
     for name, value in tiny_blip2.model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
-
-
-def test_the_page_captions_and_explains(tiny_blip2_dir, monkeypatch):
-    """The page through AppTest on the tiny folder: the prompt box, the default method, a
-    heatmap, the causal test, metrics, video and report."""
-    from tests.app_helpers import click, pick_example, start_app
-    from utils.shapes_world import generate_scene
-
-    scene = generate_scene(99999)
-    monkeypatch.setenv("VLM_EXPLAINER_CAPTIONER_DIR", str(tiny_blip2_dir))
-    app = start_app()
-    local = next(label for label in app.sidebar.selectbox(key="model_label").options if label.startswith("Local"))
-    app.sidebar.selectbox(key="model_label").set_value(local).run()
-    assert not app.exception, app.exception
-    assert [box.label for box in app.sidebar.text_input] == ["Prompt"]
-    pick_example(app, f"scene_99999_{scene.caption.replace(' ', '-')}.png")
-    assert not app.exception, app.exception
-    assert app.selectbox(key="method").value == "queries"
-    assert len(app.button_group) == 1 and app.button_group[0].options, "the caption's words are offered"
-    click(app, 2, 2, scene.image.width, unix_time=1.0)
-    click(app, 60, 60, scene.image.width, unix_time=2.0)
-    app.button(key="regenerate").click().run()
-    assert not app.exception, app.exception
-    assert any(markdown.value.startswith("**After:**") for markdown in app.markdown)
-    app.button(key="measure").click().run()
-    app.button(key="build_video").click().run()
-    app.button(key="prepare_report").click().run()
-    assert not app.exception, app.exception
-    assert app.session_state["video"] is not None and app.session_state["report"] is not None
-
-
-def test_evaluate_measures_the_caption_words(tiny_blip2_dir, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed in range(2):
-        random_image(40 + seed, size=(72, 56)).save(images / f"noise_{seed}.png")
-    out = tmp_path / "out"
-    arguments = ["--model", str(tiny_blip2_dir), "--images", str(images), "--out", str(out),
-                 "--steps", "4", "--device", "cpu"]  # fmt: skip
-    assert evaluate.main(arguments) == 0
-    rows = [row for path in out.glob("*.csv") for row in csv.DictReader(path.open())]
-    assert rows, "the captions' words were measured"

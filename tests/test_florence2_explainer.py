@@ -4,13 +4,10 @@ threads, geometry, the page and evaluate.py."""
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
 
-import evaluate
 from models.cam_methods import gradient_attention, hires_cam
 from models.explainer import MissingCaptureError
 from models.families import explainer_for_model, load_captioner
@@ -330,46 +327,25 @@ def test_sanity_check_copy_randomises_the_top_vision_blocks(tiny_florence2, capt
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
 
 
-def test_the_page_captions_by_task_and_explains(tiny_florence2_dir, monkeypatch):
-    """The page through AppTest on the tiny folder: the task select box, the default method,
-    a heatmap, the causal test, metrics, video and report."""
-    from tests.app_helpers import click, pick_example, start_app
-    from utils.shapes_world import generate_scene
+def test_the_page_captions_with_the_task_chosen_in_the_sidebar(tiny_florence2_dir, monkeypatch):
+    """The whole page runs for every family in test_app_families.py; here, the task select box
+    reaches ``caption``."""
+    from tests.app_helpers import pick_example, start_app
 
-    scene = generate_scene(99999)
+    asked_tasks = []
+    original_caption = Florence2Explainer.caption
+
+    def recording_caption(self, image, prompt="", *args, **kwargs):
+        asked_tasks.append(prompt)
+        return original_caption(self, image, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Florence2Explainer, "caption", recording_caption)
     monkeypatch.setenv("VLM_EXPLAINER_CAPTIONER_DIR", str(tiny_florence2_dir))
     app = start_app()
     local = next(label for label in app.sidebar.selectbox(key="model_label").options if label.startswith("Local"))
     app.sidebar.selectbox(key="model_label").set_value(local).run()
+    app.sidebar.selectbox(key="prompt_choice").set_value("<MORE_DETAILED_CAPTION>").run()
+    pick_example(app, "photo_chelsea.jpg")
     assert not app.exception, app.exception
-    assert not app.sidebar.text_input, "a task is chosen, not typed"
-    assert list(app.sidebar.selectbox(key="prompt_choice").options) == list(CAPTION_TASKS)
-    app.sidebar.selectbox(key="prompt_choice").set_value("<DETAILED_CAPTION>").run()
-    pick_example(app, f"scene_99999_{scene.caption.replace(' ', '-')}.png")
-    assert not app.exception, app.exception
-    assert "Describe" not in app.subheader[0].value, "the caption heading shows the decoder's text alone"
-    assert app.selectbox(key="method").value == "cross_attention"
-    assert len(app.button_group) == 1 and app.button_group[0].options, "the caption's words are offered"
-    click(app, 2, 2, scene.image.width, unix_time=1.0)
-    click(app, 60, 60, scene.image.width, unix_time=2.0)
-    app.button(key="regenerate").click().run()
-    assert not app.exception, app.exception
-    assert any(markdown.value.startswith("**After:**") for markdown in app.markdown)
-    app.button(key="measure").click().run()
-    app.button(key="build_video").click().run()
-    app.button(key="prepare_report").click().run()
-    assert not app.exception, app.exception
-    assert app.session_state["video"] is not None and app.session_state["report"] is not None
-
-
-def test_evaluate_measures_the_caption_words(tiny_florence2_dir, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed in range(2):
-        random_image(40 + seed, size=(72, 56)).save(images / f"noise_{seed}.png")
-    out = tmp_path / "out"
-    arguments = ["--model", str(tiny_florence2_dir), "--images", str(images), "--out", str(out),
-                 "--steps", "4", "--device", "cpu"]  # fmt: skip
-    assert evaluate.main(arguments) == 0
-    rows = [row for path in out.glob("*.csv") for row in csv.DictReader(path.open())]
-    assert rows, "the captions' words were measured"
+    assert asked_tasks and set(asked_tasks) == {"<MORE_DETAILED_CAPTION>"}
+    assert app.button_group[0].options, "the caption's words are offered"
