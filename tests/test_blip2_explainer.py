@@ -13,7 +13,11 @@ from models.cam_methods import hires_cam
 from models.explainer import MissingCaptureError
 from models.families import explainer_for_model, load_captioner
 from tests.conftest import random_image
-from tests.engine_checks import assert_threads_get_what_they_get_alone
+from tests.engine_checks import (
+    assert_no_hook_is_left_after_an_error,
+    assert_parameters_get_no_gradient,
+    assert_threads_get_what_they_get_alone,
+)
 from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
 from tests.tiny_blip2 import (
     BOS_ID,
@@ -62,10 +66,6 @@ def caption_ids(tiny_blip2) -> list[int]:
 @pytest.fixture(scope="module")
 def caption(tiny_blip2, caption_ids):
     return tiny_blip2.caption_from_ids(caption_ids, len(prompt_ids(tiny_blip2, PROMPT)))
-
-
-def count_forward_hooks(model: torch.nn.Module) -> int:
-    return sum(len(module._forward_hooks) for module in model.modules())
 
 
 def query_columns(explainer: Blip2Explainer, ids) -> list[int]:
@@ -269,28 +269,15 @@ def test_sdpa_attention_fails_loudly_and_an_encoder_decoder_is_refused(caption, 
         Blip2Explainer(model, processor)
 
 
-def test_no_hook_is_left_even_after_an_error(tiny_blip2, caption, monkeypatch):
-    image = random_image(10)
-    for method in METHODS:  # transformers installs its own capture hooks once, lazily
-        tiny_blip2.explain(image, caption, word_indices=[0], method=method)
-    hooks_before = count_forward_hooks(tiny_blip2.model)
-
-    def broken_language_model(*args, **kwargs):
-        raise RuntimeError("language model failed")
-
+def test_no_hook_is_left_even_after_an_error(tiny_blip2, caption):
     # The vision tower and the Q-Former run (their hooks fire), then the language model raises.
-    monkeypatch.setattr(tiny_blip2.model.language_model, "forward", broken_language_model)
-    for method in ("queries", "hirescam"):
-        with pytest.raises(RuntimeError, match="language model failed"):
-            tiny_blip2.explain(image, caption, method=method)
-    assert count_forward_hooks(tiny_blip2.model) == hooks_before
+    assert_no_hook_is_left_after_an_error(
+        tiny_blip2, caption, random_image(10), METHODS, tiny_blip2.model.language_model, ("queries", "hirescam")
+    )
 
 
 def test_explaining_leaves_no_gradient_on_shared_parameters(tiny_blip2, caption):
-    for method in METHODS:
-        tiny_blip2.explain(random_image(11), caption, method=method)
-    assert all(parameter.grad is None for parameter in tiny_blip2.model.parameters())
-    assert not any(parameter.requires_grad for parameter in tiny_blip2.model.parameters())
+    assert_parameters_get_no_gradient(tiny_blip2, caption, random_image(11), METHODS)
 
 
 def test_threads_sharing_one_explainer_get_what_they_get_alone(tiny_blip2, caption):

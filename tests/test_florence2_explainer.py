@@ -13,7 +13,11 @@ from models.explainer import MissingCaptureError
 from models.families import explainer_for_model, load_captioner
 from models.florence2_explainer import CAPTION_TASKS, Florence2Explainer
 from tests.conftest import random_image
-from tests.engine_checks import assert_threads_get_what_they_get_alone
+from tests.engine_checks import (
+    assert_no_hook_is_left_after_an_error,
+    assert_parameters_get_no_gradient,
+    assert_threads_get_what_they_get_alone,
+)
 from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
 from tests.tiny_florence2 import (
     BOS_ID,
@@ -64,10 +68,6 @@ def caption_ids(tiny_florence2) -> list[int]:
 @pytest.fixture(scope="module")
 def caption(tiny_florence2, caption_ids):
     return tiny_florence2.caption_from_ids(caption_ids, len(encoder_text_ids(tiny_florence2)) + 1)
-
-
-def count_forward_hooks(model: torch.nn.Module) -> int:
-    return sum(len(module._forward_hooks) for module in model.modules())
 
 
 def decoder_logits_by_hand(explainer: Florence2Explainer, pixel_values: torch.Tensor, ids: list[int]) -> torch.Tensor:
@@ -279,28 +279,16 @@ def test_sdpa_cross_attention_fails_loudly(caption, monkeypatch):
         Florence2Explainer(model, processor)
 
 
-def test_no_hook_is_left_even_after_an_error(tiny_florence2, caption, monkeypatch):
-    image = random_image(10)
-    for method in METHODS:  # transformers installs its own capture hooks once, lazily
-        tiny_florence2.explain(image, caption, word_indices=[0], method=method)
-    hooks_before = count_forward_hooks(tiny_florence2.model)
-
-    def broken_decoder(*args, **kwargs):
-        raise RuntimeError("decoder failed")
-
+def test_no_hook_is_left_even_after_an_error(tiny_florence2, caption):
     # The vision tower and the encoder run (their hooks fire), then the decoder raises.
-    monkeypatch.setattr(tiny_florence2.model.model.language_model.decoder, "forward", broken_decoder)
-    for method in ("cross_attention", "hirescam"):
-        with pytest.raises(RuntimeError, match="decoder failed"):
-            tiny_florence2.explain(image, caption, method=method)
-    assert count_forward_hooks(tiny_florence2.model) == hooks_before
+    decoder = tiny_florence2.model.model.language_model.decoder
+    assert_no_hook_is_left_after_an_error(
+        tiny_florence2, caption, random_image(10), METHODS, decoder, ("cross_attention", "hirescam")
+    )
 
 
 def test_explaining_leaves_no_gradient_on_shared_parameters(tiny_florence2, caption):
-    for method in METHODS:
-        tiny_florence2.explain(random_image(11), caption, method=method)
-    assert all(parameter.grad is None for parameter in tiny_florence2.model.parameters())
-    assert not any(parameter.requires_grad for parameter in tiny_florence2.model.parameters())
+    assert_parameters_get_no_gradient(tiny_florence2, caption, random_image(11), METHODS)
 
 
 def test_threads_sharing_one_explainer_get_what_they_get_alone(tiny_florence2, caption):
