@@ -63,7 +63,7 @@ def token_grid_relevance(cam, grid_shape: tuple[int, int]) -> LayerRelevance:
             return cam(activation[:, 1:], gradients[:, :, 1:])[:, 0]
         tokens = activation.flatten(2).transpose(1, 2)  # (1, H*W, C)
         token_gradients = gradients.flatten(3).transpose(2, 3)  # (W, 1, H*W, C)
-        stage_map = cam(tokens, token_gradients)[:, 0].unflatten(-1, activation.shape[-2:])  # (W, H, W)
+        stage_map = cam(tokens, token_gradients)[:, 0].unflatten(-1, activation.shape[-2:])  # (words, H, W)
         return F.adaptive_avg_pool2d(stage_map, grid_shape).flatten(1)  # (W, rows * columns)
 
     return relevance
@@ -102,8 +102,7 @@ class Florence2Explainer(CaptionerExplainer):
     default_method = "cross_attention"
     prompt_label = "Task"
     prompt_help = (
-        "Florence-2 captions by task: a short caption, a detailed one, or a paragraph. "
-        "Free text (from evaluate.py) is read as the question."
+        "Florence-2 captions by task: a short caption, a detailed one, or a paragraph."
     )
     prompt_choices = CAPTION_TASKS
     text_is_answer_only = True
