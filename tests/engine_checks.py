@@ -68,3 +68,16 @@ def assert_parameters_get_no_gradient(explainer, caption, image, methods) -> Non
         explainer.explain(image, caption, method=method)
     assert all(parameter.grad is None for parameter in explainer.model.parameters())
     assert not any(parameter.requires_grad for parameter in explainer.model.parameters())
+
+
+def assert_all_words_at_once_equal_each_alone(explainer, caption, image, method, patches: int) -> None:
+    """All of a caption's words explained in one call give each word's maps and score alone,
+    one finite, non-negative map per map name over ``patches`` patches."""
+    together = explainer.explain(image, caption, method=method)
+    assert [maps.word for maps in together] == [word.text for word in caption.words]
+    for index, maps in enumerate(together):
+        (alone,) = explainer.explain(image, caption, word_indices=[index], method=method)
+        assert maps.score == pytest.approx(alone.score, abs=1e-5)
+        np.testing.assert_allclose(maps.cam_patches, alone.cam_patches, rtol=1e-4, atol=1e-10)
+        assert maps.cam_patches.shape == (len(explainer.layer_names(method)), patches)
+        assert np.isfinite(maps.cam_patches).all() and (maps.cam_patches >= 0).all()

@@ -14,6 +14,7 @@ from models.explainer import MissingCaptureError
 from models.families import explainer_for_model, load_captioner
 from tests.conftest import random_image
 from tests.engine_checks import (
+    assert_all_words_at_once_equal_each_alone,
     assert_no_hook_is_left_after_an_error,
     assert_parameters_get_no_gradient,
     assert_threads_get_what_they_get_alone,
@@ -202,15 +203,8 @@ def test_all_vision_layers_in_one_pass_equal_one_pass_per_layer(tiny_blip2, capt
 
 @pytest.mark.parametrize("method", METHODS)
 def test_all_words_at_once_equal_each_word_alone(tiny_blip2, caption, method):
-    image = random_image(6)
-    together = tiny_blip2.explain(image, caption, method=method)
-    assert [maps.word for maps in together] == ANSWER_WORDS
-    for index, maps in enumerate(together):
-        (alone,) = tiny_blip2.explain(image, caption, word_indices=[index], method=method)
-        assert maps.score == pytest.approx(alone.score, abs=1e-5)
-        np.testing.assert_allclose(maps.cam_patches, alone.cam_patches, rtol=1e-4, atol=1e-10)
-        assert maps.cam_patches.shape == (len(tiny_blip2.layer_names(method)), PATCHES)
-        assert np.isfinite(maps.cam_patches).all() and (maps.cam_patches >= 0).all()
+    assert [word.text for word in caption.words] == ANSWER_WORDS
+    assert_all_words_at_once_equal_each_alone(tiny_blip2, caption, random_image(6), method, PATCHES)
 
 
 def test_occlusion_is_the_drop_in_log_p_when_a_patch_is_zeroed(tiny_blip2, caption, caption_ids):
