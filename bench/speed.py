@@ -14,6 +14,13 @@ denormal floats, which on some CPUs is ten times slower.
     python bench/speed.py --family smolvlm --json bench/results/speed_smolvlm.json
     python bench/speed.py --family florence2 --json bench/results/speed_florence2.json
     python bench/speed.py --family blip2 --json bench/results/speed_blip2.json  # about 16 GB of memory
+    python bench/speed.py --family llava_onevision --goals-only --repeats 1
+    python bench/speed.py --family qwen2_vl --goals-only --repeats 1
+
+``--goals-only`` leaves out the reference design's one pass per layer and the unflushed
+repeats: on the 0.5 B and 2 B architectures they alone would take most of an hour on 2 cores.
+The chat families' tokenizers are the offline ones the tests build (their ids lie within the
+real vocabularies, which set the embedding and output sizes).
 """
 
 from __future__ import annotations
@@ -48,11 +55,19 @@ from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     LlamaConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     OPTConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from models.denormals import set_flush_denormal_everywhere
@@ -60,8 +75,11 @@ from models.explainer import DEFAULT_INSTRUCTION, Caption, CaptionerExplainer
 from models.families import explainer_for_model
 from models.florence2_explainer import CAPTION_TASKS
 from models.hooks import capture_outputs
+from models.llava_onevision_explainer import ImageOnlyLlavaOnevisionProcessor
+from models.qwen2vl_explainer import ImageOnlyQwen2VLProcessor
 from models.smolvlm_explainer import END_OF_UTTERANCE, IMAGE_TOKEN, SmolVLMImageTextProcessor
 from models.smolvlm_offline import BOS, CORPUS, PAD, offline_smolvlm_tokenizer
+from tests import tiny_llava_onevision, tiny_qwen2vl
 from utils.image_utils import overlay_heatmap
 from utils.video_utils import encode_mp4, layer_frames
 
@@ -280,6 +298,77 @@ def blip2_caption(explainer: CaptionerExplainer, image: Image.Image, words: int)
     return explainer.caption_from_ids([*prompt, *range(1000, 1000 + words), BART_SPECIAL_TOKENS["</s>"]], len(prompt))
 
 
+QWEN_VOCABULARY = 151936  # Qwen2's embedding rows (its tokenizer's 151643 ids plus room for added tokens)
+
+
+def build_llava_onevision_05b_architecture(flush_denormals: bool = True) -> CaptionerExplainer:
+    """llava-hf/llava-onevision-qwen2-0.5b-ov-hf's architecture, random weights: SigLIP so400m
+    (patch 14, 384 px: LlavaOnevisionConfig's own vision defaults), a two-layer projector and
+    Qwen2-0.5B (sizes from Qwen/Qwen2-0.5B's config: 24 layers of 896, 14 query heads sharing 2
+    key/value heads, embeddings tied). The model card's "0.9B" is what ``parameters_m`` prints.
+    The processor is LlavaOnevisionImageProcessor's defaults (384 px views, pinpoints up to
+    2304 px, anyres_max_9), as in the checkpoint. Attention as from_pretrained sets it (SDPA),
+    until the explainer switches the language model to eager."""
+    tokenizer = tiny_qwen2vl.tiny_qwen_tokenizer(extra_tokens=(tiny_llava_onevision.IMAGE_TOKEN,))
+    image_token_id = tokenizer.convert_tokens_to_ids(tiny_llava_onevision.IMAGE_TOKEN)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+            patch_size=14, image_size=384, vision_use_head=False,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=QWEN_VOCABULARY, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+            eos_token_id=tiny_qwen2vl.IM_END_ID, pad_token_id=tiny_qwen2vl.PAD_ID,
+        ),
+        image_token_index=image_token_id,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = tiny_qwen2vl.IM_END_ID
+    processor = ImageOnlyLlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(image_grid_pinpoints=config.image_grid_pinpoints),
+        tokenizer=tokenizer,
+        chat_template=tiny_llava_onevision.CHAT_TEMPLATE,
+        num_image_tokens=(384 // 14) ** 2,
+        vision_feature_select_strategy="full",
+    )
+    return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
+
+
+def build_qwen2_vl_2b_architecture(flush_denormals: bool = True) -> CaptionerExplainer:
+    """Qwen/Qwen2-VL-2B-Instruct's architecture, random weights: the 675 M ViT (32 blocks of 1280,
+    patch 14, 2 x 2 merge into 1536-wide tokens) and Qwen2-1.5B (28 layers of 1536, 12 query
+    heads sharing 2 key/value heads, M-RoPE sections 16/24/24, embeddings tied), sizes from the
+    checkpoint's config.json; its processor's pixel bounds (3136 to 12845056). Attention as
+    from_pretrained sets it (SDPA), until the explainer switches the language model to eager."""
+    tokenizer = tiny_qwen2vl.tiny_qwen_tokenizer()
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(
+            vocab_size=QWEN_VOCABULARY, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+            tie_word_embeddings=True, bos_token_id=None, eos_token_id=tiny_qwen2vl.IM_END_ID,
+            pad_token_id=tiny_qwen2vl.PAD_ID,
+        ),
+        image_token_id=tiny_qwen2vl.IMAGE_ID, video_token_id=tiny_qwen2vl.VIDEO_ID,
+        vision_start_token_id=tiny_qwen2vl.VISION_START_ID, vision_end_token_id=tiny_qwen2vl.VISION_END_ID,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = tiny_qwen2vl.IM_END_ID
+    processor = ImageOnlyQwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12845056}),
+        tokenizer=tokenizer,
+        chat_template=tiny_qwen2vl.CHAT_TEMPLATE,
+    )
+    return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
+
+
 def blip_caption(explainer: CaptionerExplainer, image: Image.Image, words: int) -> Caption:
     """``words`` synthetic words (one vocabulary id each) between BLIP's [DEC] and [SEP]."""
     text_config = explainer.model.config.text_config
@@ -296,6 +385,19 @@ def smolvlm_caption(explainer: CaptionerExplainer, image: Image.Image, words: in
     answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids
     end = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
     return explainer.caption_from_ids([*prompt, *answer_ids, end], len(prompt))
+
+
+def chat_caption(explainer: CaptionerExplainer, image: Image.Image, words: int) -> Caption:
+    """An answer of ``words`` words from the offline tokenizer's corpus after the chat prompt,
+    ended by the tokenizer's EOS, through the processor (image tokens expanded), as ``caption``
+    returns one (LLaVA-OneVision, Qwen2-VL)."""
+    vocabulary = " ".join(tiny_qwen2vl.CORPUS[:3]).replace(".", "").split()
+    answer = " ".join(vocabulary[index % len(vocabulary)] for index in range(words))
+    prompt_text = explainer.prompt_text(DEFAULT_INSTRUCTION)
+    tokenizer = explainer.processor.tokenizer
+    prompt = explainer.processor(images=[image], text=[prompt_text])["input_ids"][0]
+    ids = explainer.processor(images=[image], text=[prompt_text + answer + tokenizer.eos_token])["input_ids"][0]
+    return explainer.caption_from_ids(list(ids), len(prompt))
 
 
 # family -> (builder, what it builds, the method every measure times, caption of n words)
@@ -320,6 +422,18 @@ FAMILIES = {
         "blip2-opt-2.7b architecture, random weights, 224 px",
         "hirescam",
         blip2_caption,
+    ),
+    "llava_onevision": (
+        build_llava_onevision_05b_architecture,
+        "LLaVA-OneVision-0.5B architecture (SigLIP so400m, Qwen2-0.5B), random weights",
+        "attention",
+        chat_caption,
+    ),
+    "qwen2_vl": (
+        build_qwen2_vl_2b_architecture,
+        "Qwen2-VL-2B-Instruct architecture (675 M ViT, Qwen2-1.5B), random weights",
+        "attention",
+        chat_caption,
     ),
 }
 
@@ -389,6 +503,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--words", type=int, default=8, help="caption length in words")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--image-size", type=int, nargs=2, default=(640, 480), metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument(
+        "--goals-only", action="store_true", help="leave out the one-pass-per-layer and unflushed measures"
+    )
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
 
@@ -396,7 +514,8 @@ def main() -> None:
     print(f"family {arguments.family}: {model_description}; method {method!r}", flush=True)
     explainer = build()
     unflushed = explainer_for_model(explainer.model, explainer.processor, explainer.device, flush_denormals=False)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    width, height = arguments.image_size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
     caption = make_caption(explainer, image, arguments.words)
     token_ids = list(caption.token_ids)
     word = len(caption.words) // 2
@@ -405,34 +524,42 @@ def main() -> None:
 
     (maps,) = explainer.explain(image, caption, [word], method=method)  # warm-up: allocator, hooks
     first_layer = slice(0, 1)  # the method's shallowest layer: the gradient crosses all of its layers
-    results = interleaved_medians(
-        {
-            # The floor: one forward pass, one gradient reaching the method's shallowest layer.
-            "fwd_bwd_s": lambda: forward_and_gradient(explainer, image, token_ids, position, method, first_layer),
+    measures = {
+        # The floor: one forward pass, one gradient reaching the method's shallowest layer.
+        "fwd_bwd_s": lambda: forward_and_gradient(explainer, image, token_ids, position, method, first_layer),
+        "all_layers_one_word_s": lambda: explainer.explain(image, caption, [word], method=method),
+        "first_heatmap_s": lambda: first_heatmap(explainer, image, caption, word, method),
+        "all_words_all_layers_s": lambda: explainer.explain(image, caption, method=method),
+        "caption_s": lambda: explainer.caption(image, max_new_tokens=20),
+        "video_encode_s": lambda: encode_layer_video(explainer, image, maps.cam_patches, method),
+    }
+    if not arguments.goals_only:
+        measures |= {
             "fwd_bwd_unflushed_s": lambda: forward_and_gradient(
                 unflushed, image, token_ids, position, method, first_layer
             ),
-            "all_layers_one_word_s": lambda: explainer.explain(image, caption, [word], method=method),
             "all_layers_one_word_unflushed_s": lambda: unflushed.explain(image, caption, [word], method=method),
-            "first_heatmap_s": lambda: first_heatmap(explainer, image, caption, word, method),
             "naive_all_layers_one_word_s": lambda: naive_all_layers(explainer, image, token_ids, position, method),
-            "all_words_all_layers_s": lambda: explainer.explain(image, caption, method=method),
-            "caption_s": lambda: explainer.caption(image, max_new_tokens=20),
-            "video_encode_s": lambda: encode_layer_video(explainer, image, maps.cam_patches, method),
-        },
-        arguments.repeats,
-    )
+        }
+    results = interleaved_medians(measures, arguments.repeats)
     results["n_words"] = len(caption.words)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ratios = {
+        "all_layers_one_word / fwd_bwd": ("all_layers_one_word_s", "fwd_bwd_s", 1),
+        "naive_all_layers_one_word / fwd_bwd": ("naive_all_layers_one_word_s", "fwd_bwd_s", 1),
+        "all_words_all_layers / (n_words x fwd_bwd)": ("all_words_all_layers_s", "fwd_bwd_s", results["n_words"]),
+        "first_heatmap / all_layers_one_word": ("first_heatmap_s", "all_layers_one_word_s", 1),
+        "fwd_bwd_unflushed / fwd_bwd": ("fwd_bwd_unflushed_s", "fwd_bwd_s", 1),
+        "all_layers_one_word_unflushed / all_layers_one_word": (
+            "all_layers_one_word_unflushed_s",
+            "all_layers_one_word_s",
+            1,
+        ),
+    }
     results["ratios"] = {
-        "all_layers_one_word / fwd_bwd": results["all_layers_one_word_s"] / results["fwd_bwd_s"],
-        "naive_all_layers_one_word / fwd_bwd": results["naive_all_layers_one_word_s"] / results["fwd_bwd_s"],
-        "all_words_all_layers / (n_words x fwd_bwd)": results["all_words_all_layers_s"]
-        / (results["n_words"] * results["fwd_bwd_s"]),
-        "first_heatmap / all_layers_one_word": results["first_heatmap_s"] / results["all_layers_one_word_s"],
-        "fwd_bwd_unflushed / fwd_bwd": results["fwd_bwd_unflushed_s"] / results["fwd_bwd_s"],
-        "all_layers_one_word_unflushed / all_layers_one_word": results["all_layers_one_word_unflushed_s"]
-        / results["all_layers_one_word_s"],
+        name: results[numerator] / (count * results[denominator])
+        for name, (numerator, denominator, count) in ratios.items()
+        if numerator in results
     }
     geometry = explainer.image_geometry(image.size)
     results["setup"] = {
@@ -441,7 +568,8 @@ def main() -> None:
         "method": method,
         "image_size": image.size,
         "parameters_m": sum(parameter.numel() for parameter in explainer.model.parameters()) / 1e6,
-        "views": len(geometry.views),  # tiles the vision tower reads (SmolVLM: tiles + global view)
+        "views": len(geometry.views),  # views the maps cover (tiles + global view for SmolVLM, OneVision)
+        "image_tokens": token_ids.count(getattr(explainer, "image_token_id", -1)),
         "grid": geometry.views[0].grid_shape,
         "patch_size": explainer.patch_size,
         "torch_threads": torch.get_num_threads(),

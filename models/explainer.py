@@ -138,15 +138,17 @@ class Decoding:
     num_beams: int = 1
 
 
-# A target maps log-probabilities (..., tokens, vocabulary) to one score per leading index.
-Target = Callable[[torch.Tensor], torch.Tensor]
+# A target maps log-probabilities (..., rows, vocabulary) of the logits' rows from ``first_row``
+# on to one score per leading index. (A chat model's prompt holds a thousand ids and more, and
+# its vocabulary 150 000: the rows before the answer would cost gigabytes and are never read.)
+Target = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def token_log_prob_target(token_ids: Sequence[int], positions: Sequence[int]) -> Target:
     """Target: summed log p of the ids at ``positions``, each scored by the logits before it."""
 
-    def target(log_probs: torch.Tensor) -> torch.Tensor:
-        return sum(log_probs[..., position - 1, token_ids[position]] for position in positions)
+    def target(log_probs: torch.Tensor, first_row: int) -> torch.Tensor:
+        return sum(log_probs[..., position - 1 - first_row, token_ids[position]] for position in positions)
 
     return target
 
@@ -154,8 +156,8 @@ def token_log_prob_target(token_ids: Sequence[int], positions: Sequence[int]) ->
 def contrastive_target(token_ids: Sequence[int], position: int, foil_id: int) -> Target:
     """Target: log p(the caption's id) - log p(foil id) at one position ("why dog, not cat?")."""
 
-    def target(log_probs: torch.Tensor) -> torch.Tensor:
-        row = log_probs[..., position - 1, :]
+    def target(log_probs: torch.Tensor, first_row: int) -> torch.Tensor:
+        row = log_probs[..., position - 1 - first_row, :]
         return row[..., token_ids[position]] - row[..., foil_id]
 
     return target
@@ -231,10 +233,44 @@ def patch_token_relevance(cam_function, first_patch_token: int) -> LayerRelevanc
     return relevance
 
 
+def tiled_token_relevance(cam_function) -> LayerRelevance:
+    """Relevance by a CAM formula on a vision layer that sees one image as several views
+    (tiles and a global view: its batch), none with a CLS token: every token of every view in
+    order, (views, T, D) -> (W, views x T)."""
+
+    def relevance(activation, gradients, caption, word_indices):  # (views, T, D), (W, views, T, D)
+        return cam_function(activation, gradients).flatten(start_dim=1)
+
+    return relevance
+
+
 VISION_METHOD_LABELS = {
     "hirescam": "HiResCAM (gradient x activation), vision layers",
     "gradcam": "Grad-CAM (averaged gradients), vision layers",
 }
+# Each tile is an image of its own to the vision tower: Grad-CAM's average is per tile.
+TILED_VISION_LABELS = {**VISION_METHOD_LABELS, "gradcam": "Grad-CAM (averaged gradients per tile), vision layers"}
+
+
+def occlude_view_patches(
+    pixel_values: torch.Tensor,
+    blocks: Sequence[Sequence[int]],
+    view_token_of_patch: Sequence[int],
+    grid_columns: int,
+    patch_size: int,
+) -> torch.Tensor:
+    """(1, views, 3, S, S) pixels of one image seen as several views (tiles and a global view),
+    repeated once per block of patch ids, each block's patches set to zero (the normalised
+    mean). ``view_token_of_patch[patch]`` is the patch's token among all views' patches (view
+    after view, row-major, ``grid_columns`` a row)."""
+    per_view = pixel_values.shape[-2] // patch_size * grid_columns
+    occluded = pixel_values.repeat(len(blocks), 1, 1, 1, 1)
+    for slot, block in enumerate(blocks):
+        for patch_id in block:
+            view, local = divmod(int(view_token_of_patch[patch_id]), per_view)
+            top, left = (index * patch_size for index in divmod(local, grid_columns))
+            occluded[slot, view, :, top : top + patch_size, left : left + patch_size] = 0
+    return occluded
 
 
 def vision_layer_methods(
@@ -300,6 +336,20 @@ def cross_attention_method(attentions: Sequence[nn.Module], relevance: LayerRele
     layer, then their mean."""
     return attention_layers_method(
         "Gradient x cross-attention, text decoder layers", "decoder cross-attention", attentions, relevance
+    )
+
+
+def projector_method(projector: nn.Module, relevance: LayerRelevance, **options) -> Method:
+    """Gradient x input at the image-token embeddings the language model receives: the
+    projector's (connector's, merger's) output, one map (no layers: it is the boundary between
+    the two models). ``relevance`` gives one value per image token; ``token_of_patch`` (in
+    ``options``) says which token each patch takes where that is not one token per patch."""
+    return GradientMethod(
+        "Gradient x input at the image tokens the language model reads (projector output)",
+        (projector,),
+        ("projector output",),
+        relevance,
+        **options,
     )
 
 
@@ -484,9 +534,13 @@ class CaptionerExplainer(PretrainedExplainer):
         """The processor's image inputs for a batch of RGB images, on the device."""
         return {"pixel_values": self.pixel_values(images)}
 
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """(batch, ids, vocabulary) logits of one forward pass over the given ids, as they are."""
-        return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
+        """(batch, ids - first_row, vocabulary) logits of one forward pass over the given ids, as
+        they are, at the positions from ``first_row`` on (chat families ask the model for those
+        alone: ``logits_to_keep``)."""
+        return self.model(pixel_values=inputs["pixel_values"], input_ids=ids).logits[:, first_row:]
 
     def caption(self, image: Image.Image, prompt: str = "", max_new_tokens: int = 30, num_beams: int = 1) -> Caption:
         """Generate a caption (greedy when ``num_beams`` is 1), optionally continuing ``prompt``,
@@ -644,7 +698,7 @@ class CaptionerExplainer(PretrainedExplainer):
         ids = torch.tensor([caption.token_ids], device=self.device)
         if isinstance(chosen, OcclusionMethod):
             blocks = occlusion_blocks(self.image_geometry(image.size))
-            scores, cam_patches = self._occlusion_maps(inputs, ids, targets, blocks)
+            scores, cam_patches = self._occlusion_maps(inputs, ids, targets, blocks, caption.prompt_length - 1)
         else:
             scores, cam_patches = self._gradient_maps(chosen, inputs, ids, targets, caption, indices)
         cam_patches = cam_patches.float().cpu().numpy()  # (W, maps, patches)
@@ -673,7 +727,9 @@ class CaptionerExplainer(PretrainedExplainer):
             torch.enable_grad(),
             capture_outputs(method.modules, output_index=method.output_index) as captured,
         ):
-            log_probs = self.teacher_forced_logits(inputs, ids)[0].float().log_softmax(dim=-1)  # (T, V)
+            # Rows from the one before the caption's first word: no target reads the prompt's.
+            first_row = caption.prompt_length - 1
+            log_probs = self.teacher_forced_logits(inputs, ids, first_row)[0].float().log_softmax(dim=-1)
             module_names = method.layer_names if method.compose is None else [type(m).__name__ for m in method.modules]
             missing = [name for name, value in zip(module_names, captured, strict=True) if value is None]
             if missing:
@@ -681,21 +737,19 @@ class CaptionerExplainer(PretrainedExplainer):
                     f"{method.label}: nothing was captured at {', '.join(missing)} "
                     "(attention probabilities need attn_implementation='eager')"
                 )
-            scores = torch.stack([target(log_probs) for target in targets])  # (W,)
+            scores = torch.stack([target(log_probs, first_row) for target in targets])  # (W,)
             # One backward pass per word over the one shared forward graph. (Batching them with
-            # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.)
-            per_word = [
-                torch.autograd.grad(score, captured, retain_graph=slot < len(targets) - 1)
-                for slot, score in enumerate(scores)
-            ]
-        gradients = [torch.stack(layer_gradients) for layer_gradients in zip(*per_word, strict=True)]  # (W, 1, ...)
-        if method.compose is not None:
-            maps = method.compose(captured, gradients, caption, word_indices)
-        else:
-            maps = [
-                method.relevance(activation, gradient, caption, word_indices)  # (W, patches)
-                for activation, gradient in zip(captured, gradients, strict=True)
-            ]
+            # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.) Each
+            # word's gradients become its maps at once: kept for every word, the gradients of
+            # every layer's attention would hold words x layers x heads x T^2 floats (tens of GB
+            # for a 0.5 B chat model's 1500-token sequence).
+            per_word = []
+            for slot, score in enumerate(scores):
+                gradients = torch.autograd.grad(score, captured, retain_graph=slot < len(targets) - 1)
+                with torch.no_grad():
+                    per_word.append(self._word_maps(method, captured, gradients, caption, word_indices[slot]))
+                del gradients
+        maps = [torch.stack(layer_maps) for layer_maps in zip(*per_word, strict=True)]  # per layer: (W, patches)
         if method.token_of_patch is not None:
             index = method.token_of_patch(inputs)
             maps = [layer_map[:, index] for layer_map in maps]
@@ -705,6 +759,18 @@ class CaptionerExplainer(PretrainedExplainer):
             maps.append(torch.stack(maps).mean(dim=0))
         return scores.detach(), torch.stack(maps, dim=1).detach()
 
+    @staticmethod
+    def _word_maps(method: GradientMethod, captured, gradients, caption: Caption, word_index: int) -> list:
+        """One word's maps, a (patches,) tensor per map before pooling, from its gradients
+        (1, ...) with respect to every captured module."""
+        gradients = [gradient[None] for gradient in gradients]  # (1 word, 1, ...)
+        if method.compose is not None:
+            return [word_map[0] for word_map in method.compose(captured, gradients, caption, [word_index])]
+        return [
+            method.relevance(activation, gradient, caption, [word_index])[0]
+            for activation, gradient in zip(captured, gradients, strict=True)
+        ]
+
     @torch.no_grad()
     def _occlusion_maps(
         self,
@@ -712,13 +778,16 @@ class CaptionerExplainer(PretrainedExplainer):
         ids: torch.Tensor,
         targets: Sequence[Target],
         blocks: Sequence[Sequence[int]],
+        first_row: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (words,) and maps (words, 1, patches): the drop of each target when a block of
-        patches is occluded, in batched forward passes; every patch of a block gets its drop."""
+        patches is occluded, in batched forward passes; every patch of a block gets its drop.
+        Only the logits' rows from ``first_row`` on are computed (see ``Target``)."""
 
         def scores_of(batch_inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:  # -> (B, W)
-            log_probs = self.teacher_forced_logits(batch_inputs, ids.expand(batch, -1)).float().log_softmax(dim=-1)
-            return torch.stack([target(log_probs) for target in targets], dim=-1)
+            logits = self.teacher_forced_logits(batch_inputs, ids.expand(batch, -1), first_row)
+            log_probs = logits.float().log_softmax(dim=-1)
+            return torch.stack([target(log_probs, first_row) for target in targets], dim=-1)
 
         base_scores = scores_of(inputs, 1)[0]  # (W,)
         cam = torch.zeros(len(targets), sum(len(block) for block in blocks), device=self.device)

@@ -16,6 +16,7 @@ from models.blip_explainer import BlipExplainer
 from models.explainer import CaptionerExplainer
 from models.florence2_explainer import Florence2Explainer
 from models.llava_explainer import LlavaExplainer
+from models.llava_onevision_explainer import LlavaOnevisionExplainer
 from models.loading import (
     ModelUnavailableError,
     ProgressCallback,
@@ -31,6 +32,7 @@ from models.smolvlm_explainer import Idefics3Explainer, SmolVLMExplainer
 CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
     BlipExplainer,
     LlavaExplainer,
+    LlavaOnevisionExplainer,
     SmolVLMExplainer,
     Idefics3Explainer,
     Qwen2VLExplainer,

@@ -163,17 +163,22 @@ class Florence2Explainer(CaptionerExplainer):
             raise ValueError("these ids hold no encoder prompt ending in </s>: they are no Florence-2 caption")
         return ids.index(self.eos_token_id) + 1
 
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """(batch, ids, vocabulary): NaN for the encoder's text ids (they are read, not
-        predicted), then the decoder's logits over the rest of the ids, as they are."""
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
+        """(batch, ids - first_row, vocabulary): the decoder's logits over its part of the ids,
+        as they are, from row ``first_row`` of the whole sequence on; rows of the encoder's text
+        ids (read, never predicted) are NaN."""
         encoder_length = self.encoder_length(ids[0].tolist())
         image_ids = ids.new_full((ids.shape[0], self.image_token_count), self.image_token_id)
         logits = self.model(
             input_ids=torch.cat([image_ids, ids[:, :encoder_length]], dim=1),
             pixel_values=inputs["pixel_values"],
             decoder_input_ids=ids[:, encoder_length:],
-        ).logits  # (B, T - E, V)
-        unscored = logits.new_full((ids.shape[0], encoder_length, logits.shape[-1]), math.nan)
+        ).logits  # (B, T - E, V): the decoder's row j is the sequence's row E + j
+        if first_row >= encoder_length:
+            return logits[:, first_row - encoder_length :]
+        unscored = logits.new_full((ids.shape[0], encoder_length - first_row, logits.shape[-1]), math.nan)
         return torch.cat([unscored, logits], dim=1)
 
     def prompt_inputs(self, image: Image.Image, task: str) -> dict[str, torch.Tensor]:

@@ -29,13 +29,13 @@ from models.explainer import (
     INSTRUCTION_LABEL,
     Caption,
     CaptionerExplainer,
-    GradientMethod,
     Method,
     MissingCaptureError,
     OcclusionMethod,
     image_token_attention_relevance,
     language_attention_method,
     patch_token_relevance,
+    projector_method,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, centre_crop_geometry
@@ -66,9 +66,7 @@ class LlavaExplainer(CaptionerExplainer):
                 f"the language model uses {config.text_config._attn_implementation!r} attention, "
                 "which returns no attention probabilities; eager attention is needed"
             )
-        image_processor = processor.image_processor
-        if getattr(image_processor, "do_pad", False) or not getattr(image_processor, "do_center_crop", False):
-            raise ValueError("only LLaVA-1.5's resize-and-centre-crop image processing is supported")
+        self.read_image_processing(processor.image_processor)
         self.image_token_id = config.image_token_id
         tower = model.model.vision_tower
         layers = list(tower.encoder.layers)
@@ -93,9 +91,15 @@ class LlavaExplainer(CaptionerExplainer):
             if isinstance(token_id, int)
         }
         self.patch_size = config.vision_config.patch_size
+        super().__init__(model, processor, device, flush_denormals)
+
+    def read_image_processing(self, image_processor) -> None:
+        """Refuse image processing whose geometry this family does not describe, and keep what
+        ``image_geometry`` needs."""
+        if getattr(image_processor, "do_pad", False) or not getattr(image_processor, "do_center_crop", False):
+            raise ValueError("only LLaVA-1.5's resize-and-centre-crop image processing is supported")
         crop = image_processor.crop_size
         self.crop_shape = (crop["height"], crop["width"])
-        super().__init__(model, processor, device, flush_denormals)
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
         return centre_crop_geometry(image_size, self.crop_shape, self.patch_size)
@@ -110,15 +114,18 @@ class LlavaExplainer(CaptionerExplainer):
                 self.image_token_id, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0
             ),
         )
-        # The image tokens as the language model receives them: gradient x input at the
-        # projector's output, one map (no layers: it is the boundary between the two models).
-        projector = GradientMethod(
-            "Gradient x input at the image tokens the language model reads (projector output)",
-            (self.model.model.multi_modal_projector,),
-            ("projector output",),
+        projector = projector_method(
+            self.model.model.multi_modal_projector,
             patch_token_relevance(hires_cam, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0),
         )
         return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
+
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
+        return self.model(
+            input_ids=ids, **inputs, use_cache=False, logits_to_keep=ids.shape[1] - first_row
+        ).logits
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         # Only those that reach the words: re-randomising a layer above vision_feature_layer
@@ -151,7 +158,7 @@ class LlavaExplainer(CaptionerExplainer):
         generated = self.model.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
-            pixel_values=self.pixel_values([image]),
+            **self.model_inputs([image]),
             max_new_tokens=self.new_token_budget(prompt_length, max_new_tokens),
             num_beams=num_beams,
             do_sample=False,

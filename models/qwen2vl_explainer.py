@@ -42,6 +42,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_window_index
 
+from models.cam_methods import hires_cam
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
@@ -55,6 +56,7 @@ from models.explainer import (
     image_token_attention_relevance,
     language_attention_method,
     patch_token_relevance,
+    projector_method,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, aspect_resize_geometry
@@ -238,7 +240,19 @@ class Qwen2VLExplainer(CaptionerExplainer):
             image_token_attention_relevance(self.image_token_id),
             token_of_patch=self.image_token_of_patch,
         )
-        return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}
+        # The merger's output: one token per merge block, as the language model reads them
+        # (Qwen3-VL's deepstack features reach it besides, from blocks whose own maps count them).
+        projector = projector_method(
+            self.model.model.visual.merger,
+            flattened_patch_relevance(hires_cam),
+            token_of_patch=self.merger_token_of_patch,
+        )
+        return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
+
+    def merger_token_of_patch(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """For each row-major patch, the merger's output row that covers it (Qwen2-VL: the
+        image tokens' sequence order)."""
+        return self.image_token_of_patch(inputs)
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         return self.model.model.visual.blocks
@@ -262,7 +276,9 @@ class Qwen2VLExplainer(CaptionerExplainer):
             raise ValueError("images of one batch must share one size: each fills the same image tokens")
         return {"pixel_values": batch["pixel_values"].to(self.device), "image_grid_thw": grids.to(self.device)}
 
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
         mm_token_type_ids = (ids == self.image_token_id).long() * IMAGE_TOKEN_TYPE
         # Positions computed here rather than by forward(), which would store them on the shared
         # model (``rope_deltas``) that other threads' generate() calls use.
@@ -276,6 +292,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
             mm_token_type_ids=mm_token_type_ids,
             position_ids=position_ids,
             use_cache=False,
+            logits_to_keep=ids.shape[1] - first_row,
         ).logits
 
     def prompt_text(self, instruction: str) -> str:
@@ -321,9 +338,8 @@ class Qwen2_5_VLExplainer(Qwen2VLExplainer):
     processor_class = ImageOnlyQwen2_5_VLProcessor
     model_types = ("qwen2_5_vl",)
 
-    def vision_token_order(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """For each row-major patch, its token's index in the vision blocks' outputs: the tower
-        moves whole merge blocks (``merge_size``^2 tokens) into window order."""
+    def window_slot_of_block(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """For each merge block (row-major), its place in the tower's window order."""
         visual = self.model.model.visual
         window_index, _ = get_vision_window_index(
             inputs["image_grid_thw"][:1].cpu(),
@@ -331,10 +347,18 @@ class Qwen2_5_VLExplainer(Qwen2VLExplainer):
             window_size=visual.window_size,
             patch_size=visual.patch_size,
         )
+        return torch.argsort(window_index).to(self.device)
+
+    def vision_token_order(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """For each row-major patch, its token's index in the vision blocks' outputs: the tower
+        moves whole merge blocks (``merge_size``^2 tokens) into window order."""
         unit = self.merge_size**2
-        slot_of_block = torch.argsort(window_index).to(self.device)  # block b sits at slot_of_block[b]
         flattened = self.patch_order(inputs)
-        return slot_of_block[flattened // unit] * unit + flattened % unit
+        return self.window_slot_of_block(inputs)[flattened // unit] * unit + flattened % unit
+
+    def merger_token_of_patch(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The merger's output is still in window order (the tower undoes it afterwards)."""
+        return self.window_slot_of_block(inputs)[self.image_token_of_patch(inputs)]
 
 
 class Qwen3VLExplainer(Qwen2VLExplainer):

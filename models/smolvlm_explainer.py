@@ -41,12 +41,13 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import (
 )
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
+from models.cam_methods import hires_cam
 from models.denormals import in_denormal_mode
 from models.explainer import (
     DEFAULT_INSTRUCTION,
     INSTRUCTION_HELP,
     INSTRUCTION_LABEL,
-    VISION_METHOD_LABELS,
+    TILED_VISION_LABELS,
     Caption,
     CaptionerExplainer,
     LayerRelevance,
@@ -54,6 +55,9 @@ from models.explainer import (
     OcclusionMethod,
     image_token_attention_relevance,
     language_attention_method,
+    occlude_view_patches,
+    projector_method,
+    tiled_token_relevance,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, squash_geometry, tiled_geometry
@@ -64,8 +68,6 @@ GLOBAL_IMAGE_TOKEN = "<global-img>"
 END_OF_UTTERANCE = "<end_of_utterance>"
 MAX_TILE_SIDE = 6  # the tokenizer's <row_i_col_j> tokens go up to 6 x 6
 
-# Each tile is an image of its own to the vision tower: Grad-CAM's average is per tile.
-TILED_VISION_LABELS = {**VISION_METHOD_LABELS, "gradcam": "Grad-CAM (averaged gradients per tile), vision layers"}
 
 
 class SmolVLMImageTextProcessor:
@@ -202,29 +204,26 @@ class SmolVLMExplainer(CaptionerExplainer):
 
     # ------------------------------------------------------------ methods
 
-    def vision_relevance(self, cam_function) -> LayerRelevance:
-        """A CAM formula on every token of every tile (no CLS token to drop), tiles in order."""
+    def spread_to_patches(self, per_token: LayerRelevance) -> LayerRelevance:
+        """A relevance per image token (in sequence order) spread to the patches each covers."""
 
-        def relevance(activation, gradients, caption, word_indices):  # (tiles, T, D), (W, tiles, T, D)
-            return cam_function(activation, gradients).flatten(start_dim=1)  # (W, tiles x T)
-
-        return relevance
-
-    def attention_relevance(self) -> LayerRelevance:
-        """Gradient x attention from the rows that predict each word (row t - 1 predicts id t)
-        to the image-token columns, summed over the word's pieces, averaged over heads, and
-        spread from tokens to the patches each covers."""
-        per_token = image_token_attention_relevance(self.image_token_id)
-
-        def relevance(attention, gradients, caption, word_indices):
-            return self.tokens_to_patches(per_token(attention, gradients, caption, word_indices))
+        def relevance(activation, gradients, caption, word_indices):
+            return self.tokens_to_patches(per_token(activation, gradients, caption, word_indices))
 
         return relevance
 
     def build_methods(self) -> dict[str, Method]:
-        attention = language_attention_method(self.attentions, self.attention_relevance())
-        vision_methods = vision_layer_methods(self.vision_layers, self.vision_relevance, labels=TILED_VISION_LABELS)
-        return {"attention": attention, **vision_methods, "occlusion": OcclusionMethod()}
+        # Gradient x attention from the rows that predict each word (row t - 1 predicts id t)
+        # to the image-token columns, summed over the word's pieces, averaged over heads.
+        attention = language_attention_method(
+            self.attentions, self.spread_to_patches(image_token_attention_relevance(self.image_token_id))
+        )
+        vision_methods = vision_layer_methods(self.vision_layers, tiled_token_relevance, labels=TILED_VISION_LABELS)
+        # The connector's output, (tiles, tokens per tile, D): the image tokens in sequence order.
+        projector = projector_method(
+            self.model.model.connector, self.spread_to_patches(tiled_token_relevance(hires_cam))
+        )
+        return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         return self.model.model.vision_model.encoder.layers
@@ -238,25 +237,23 @@ class SmolVLMExplainer(CaptionerExplainer):
             "pixel_attention_mask": processed["pixel_attention_mask"].to(self.device),
         }
 
-    def teacher_forced_logits(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    def teacher_forced_logits(
+        self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0
+    ) -> torch.Tensor:
         return self.model(
             input_ids=ids,
             pixel_values=inputs["pixel_values"],
             pixel_attention_mask=inputs["pixel_attention_mask"],
             use_cache=False,
+            logits_to_keep=ids.shape[1] - first_row,
         ).logits
 
     def occluded_inputs(self, inputs: dict[str, torch.Tensor], blocks: Sequence[Sequence[int]]) -> dict:
         """Pixels (1, tiles, 3, S, S) repeated once per block, the block's patches set to zero
-        (the normalised mean) in the tile each belongs to (patch ids: tile after tile)."""
-        patches_per_tile = self.tile_grid[0] * self.tile_grid[1]
-        columns, patch = self.tile_grid[1], self.patch_size
-        occluded = inputs["pixel_values"].repeat(len(blocks), 1, 1, 1, 1)
-        for slot, block in enumerate(blocks):
-            for patch_id in block:
-                tile, local = divmod(patch_id, patches_per_tile)
-                row, column = divmod(local, columns)
-                occluded[slot, tile, :, row * patch : (row + 1) * patch, column * patch : (column + 1) * patch] = 0
+        (the normalised mean) in the tile each belongs to (patch ids: tile after tile, as the
+        tokens)."""
+        patch_ids = range(inputs["pixel_values"].shape[1] * self.tile_grid[0] * self.tile_grid[1])
+        occluded = occlude_view_patches(inputs["pixel_values"], blocks, patch_ids, self.tile_grid[1], self.patch_size)
         mask = inputs["pixel_attention_mask"].repeat(len(blocks), 1, 1, 1)
         return {**inputs, "pixel_values": occluded, "pixel_attention_mask": mask}
 

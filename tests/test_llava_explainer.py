@@ -12,7 +12,7 @@ from models.explainer import DEFAULT_INSTRUCTION, MissingCaptureError, PromptToo
 from models.families import explainer_for_model, load_captioner
 from models.llava_explainer import LlavaExplainer
 from tests.conftest import random_image
-from tests.engine_checks import assert_threads_get_what_they_get_alone
+from tests.engine_checks import assert_projector_map_is_gradient_x_input, assert_threads_get_what_they_get_alone
 from tests.geometry_checks import assert_patch_boxes_reach_their_own_patches
 from tests.tiny_llava import (
     EOS_ID,
@@ -385,29 +385,8 @@ def test_a_prompt_that_fills_every_position_is_refused_with_a_message():
         explainer.caption(random_image(13))
 
 
-def test_the_projector_map_is_gradient_x_input_at_the_image_tokens(tiny_llava, caption, caption_ids):
-    """Computed by hand: the projector's output made a leaf, the word's log p differentiated
-    with respect to it, times it, summed over channels, its positive part, per image token."""
-    image = random_image(8)
-    (maps,) = tiny_llava.explain(image, caption, word_indices=[4], method="projector")
-    word = caption.words[4]
-    model = tiny_llava.model
-    pixel_values = tiny_llava.pixel_values([image])
-    with torch.enable_grad():
-        features = model.model.get_image_features(pixel_values=pixel_values)
-        features = (features.pooler_output if hasattr(features, "pooler_output") else features)
-        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
-        features = features.reshape(-1, features.shape[-1]).detach().requires_grad_(True)
-        ids = torch.tensor([caption.token_ids])
-        embeddings = model.get_input_embeddings()(ids)
-        image_positions = ids[0] == tiny_llava.image_token_id
-        embeddings = embeddings.clone()
-        embeddings[0, image_positions] = features.to(embeddings.dtype)
-        logits = model(inputs_embeds=embeddings).logits[0]
-        log_p = logits.log_softmax(-1)
-        score = sum(log_p[position - 1, caption.token_ids[position]] for position in range(word.start, word.end))
-        (gradient,) = torch.autograd.grad(score, features)
-    expected = (gradient * features).sum(-1).clamp(min=0).detach().numpy()
-    assert maps.layer_names == ("projector output",)
-    np.testing.assert_allclose(maps.cam_patches[0], expected, rtol=1e-4, atol=1e-7)
-    assert maps.cam_patches[0].max() > 0
+def test_the_projector_map_is_gradient_x_input_at_the_image_tokens(tiny_llava, caption):
+    # LLaVA-1.5's image tokens are its patches, row-major (CLS dropped before the projector).
+    assert_projector_map_is_gradient_x_input(
+        tiny_llava, tiny_llava.model.model.language_model, random_image(8), caption, 4, lambda tokens: tokens
+    )

@@ -21,6 +21,7 @@ from models.families import load_captioner
 from models.hooks import capture_outputs
 from models.qwen2vl_explainer import Qwen2_5_VLExplainer, Qwen2VLExplainer, Qwen3VLExplainer
 from tests.conftest import random_image
+from tests.engine_checks import assert_projector_map_is_gradient_x_input
 from tests.geometry_checks import MIN_WHITENESS
 from tests.tiny_qwen2vl import (
     IM_END_ID,
@@ -265,7 +266,7 @@ def test_image_tokens_cover_the_patches_the_models_own_3d_positions_say(tiny_qwe
         assert (block_rows[token], block_columns[token]) == (row // MERGE_SIZE, column // MERGE_SIZE)
 
 
-@pytest.mark.parametrize("method", ["attention", "hirescam", "gradcam", "occlusion"])
+@pytest.mark.parametrize("method", ["attention", "hirescam", "gradcam", "projector", "occlusion"])
 def test_all_words_at_once_equal_each_word_alone(tiny_qwen, caption, method):
     image = random_image(5, IMAGE_SIZE)
     together = tiny_qwen.explain(image, caption, method=method)
@@ -481,3 +482,13 @@ def test_the_hubs_older_layout_loads_with_the_pil_processor(tiny_qwen, tiny_qwen
     assert type(explainer.processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
     image = random_image(8, IMAGE_SIZE)
     assert explainer.caption(image, max_new_tokens=3) == tiny_qwen.caption(image, max_new_tokens=3)
+
+
+def test_the_projector_map_is_gradient_x_input_at_the_image_tokens(tiny_qwen, caption):
+    """The merger's output (Qwen2.5-VL: still in window order, which the explainer undoes), each
+    merged token's value on the four patches of its block."""
+    image = random_image(9, IMAGE_SIZE)
+    token_of_patch = tiny_qwen.image_token_of_patch(tiny_qwen.model_inputs([image]))
+    assert_projector_map_is_gradient_x_input(
+        tiny_qwen, tiny_qwen.model.model.language_model, image, caption, 2, lambda tokens: tokens[token_of_patch]
+    )

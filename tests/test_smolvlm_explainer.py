@@ -18,7 +18,7 @@ from models.families import load_captioner
 from models.hooks import capture_outputs
 from models.smolvlm_explainer import DEFAULT_INSTRUCTION, Idefics3Explainer, SmolVLMExplainer
 from tests.conftest import random_image
-from tests.engine_checks import assert_threads_get_what_they_get_alone
+from tests.engine_checks import assert_projector_map_is_gradient_x_input, assert_threads_get_what_they_get_alone
 from tests.geometry_checks import MIN_WHITENESS
 from tests.tiny_smolvlm import END_OF_UTTERANCE, build_tiny_smolvlm, save_tiny_smolvlm
 
@@ -187,7 +187,7 @@ def test_all_attention_layers_in_one_pass_equal_one_pass_per_layer(tiny_smolvlm,
     assert tiny_smolvlm.default_layer("attention") == len(tiny_smolvlm.attentions)
 
 
-@pytest.mark.parametrize("method", ["attention", "hirescam", "gradcam", "occlusion"])
+@pytest.mark.parametrize("method", ["attention", "hirescam", "gradcam", "projector", "occlusion"])
 def test_all_words_at_once_equal_each_word_alone(tiny_smolvlm, caption, method):
     image = random_image(4)
     together = tiny_smolvlm.explain(image, caption, method=method)
@@ -376,3 +376,11 @@ def test_the_sanity_checks_randomised_copy_changes_the_vision_maps_only_on_the_c
     assert not np.allclose(before.cam_patches[-1], after.cam_patches[-1])
     (again,) = tiny_smolvlm.explain(image, caption, [1], "hirescam")
     np.testing.assert_array_equal(before.cam_patches, again.cam_patches)
+
+
+def test_the_projector_map_is_gradient_x_input_at_the_image_tokens(tiny_smolvlm, caption):
+    """The connector's output, tile after tile, each token's value spread over the patches its
+    pixel shuffle folded into it."""
+    assert_projector_map_is_gradient_x_input(
+        tiny_smolvlm, tiny_smolvlm.model.model.text_model, random_image(9), caption, 2, tiny_smolvlm.tokens_to_patches
+    )

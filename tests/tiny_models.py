@@ -6,6 +6,7 @@ Built the way transformers' BlipModelTester builds its models, then saved with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -111,3 +112,19 @@ def save_tiny(model, processor, folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def save_with_video_section(model, processor, folder: Path, processor_name: str, video_processor_type: str) -> Path:
+    """Save as the hub's folders of a chat model with video support are: the processor named by
+    its full class, with a video processor section that an image-only processor must skip
+    (the video processors need torchvision, which is absent here)."""
+    save_tiny(model, processor, folder)
+    config_path = Path(folder) / "processor_config.json"
+    processor_config = json.loads(config_path.read_text())
+    processor_config["processor_class"] = processor_name
+    processor_config["video_processor"] = {
+        **processor_config["image_processor"],
+        "video_processor_type": video_processor_type,
+    }
+    config_path.write_text(json.dumps(processor_config, indent=2))
+    return Path(folder)

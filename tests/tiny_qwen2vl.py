@@ -7,7 +7,6 @@ the tests load it through the real ``from_pretrained`` path, as the app does.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from models.qwen2vl_explainer import (
     ImageOnlyQwen2VLProcessor,
     ImageOnlyQwen3VLProcessor,
 )
+from tests.tiny_models import save_with_video_section
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -65,22 +65,24 @@ VISION_DEPTH = 3
 TEXT_LAYERS = 2
 
 
-def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (pieces carry their leading space as "Ġ"), Qwen's special tokens first."""
+def tiny_qwen_tokenizer(extra_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (pieces carry their leading space as "Ġ"), Qwen's special tokens first,
+    then ``extra_tokens`` (special too)."""
+    special_tokens = SPECIAL_TOKENS + list(extra_tokens)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
     built = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=SPECIAL_TOKENS[1:],
+        extra_special_tokens=special_tokens[1:],
     )
-    assert built.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(len(SPECIAL_TOKENS)))
+    assert built.convert_tokens_to_ids(special_tokens) == list(range(len(special_tokens)))
     return built
 
 
@@ -170,14 +172,4 @@ def save_tiny_qwen2vl(model, processor, folder: Path) -> Path:
     """Save as the hub's Qwen2-VL folders are: the processor named by its class (``Qwen2VLProcessor``),
     with a video processor section (which the image-only processor must skip, torchvision being absent)."""
     processor_name = MODEL_CLASSES[model.config.model_type][3]
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    config_path = folder / "processor_config.json"
-    processor_config = json.loads(config_path.read_text())
-    processor_config["processor_class"] = processor_name
-    processor_config["video_processor"] = {
-        **processor_config["image_processor"],
-        "video_processor_type": "Qwen2VLVideoProcessor",
-    }
-    config_path.write_text(json.dumps(processor_config, indent=2))
-    return folder
+    return save_with_video_section(model, processor, folder, processor_name, "Qwen2VLVideoProcessor")

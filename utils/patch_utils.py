@@ -114,13 +114,17 @@ class View:
         """
         image_width, image_height = image_size
         x0, y0, x1, y1 = (round(value) for value in self.region_image)
-        covered = Image.fromarray(np.asarray(cam_grid, dtype=np.float32)).resize(
-            (max(x1 - x0, 1), max(y1 - y0, 1)), Image.Resampling.BILINEAR
+        covered = np.asarray(
+            Image.fromarray(np.asarray(cam_grid, dtype=np.float32)).resize(
+                (max(x1 - x0, 1), max(y1 - y0, 1)), Image.Resampling.BILINEAR
+            )
         )
         cam_image = np.full((image_height, image_width), np.nan, dtype=np.float32)
-        cam_image[y0 : y0 + covered.height, x0 : x0 + covered.width] = np.asarray(covered)[
-            : image_height - y0, : image_width - x0
-        ]
+        # A region may reach past the image (a tile's patches over its padding): keep what lies on it.
+        top, left = max(y0, 0), max(x0, 0)
+        bottom, right = min(y0 + covered.shape[0], image_height), min(x0 + covered.shape[1], image_width)
+        if bottom > top and right > left:
+            cam_image[top:bottom, left:right] = covered[top - y0 : bottom - y0, left - x0 : right - x0]
         return cam_image
 
 
