@@ -296,7 +296,12 @@ def decoding_ui(captioner: CaptionerExplainer) -> Decoding:
             "Max new tokens", 1, longest, min(30, longest), key=f"max_new_tokens_{longest}",
             help=f"At most {captioner.max_caption_tokens} tokens for prompt and caption together, for this model.",
         )
-        prompt = st.text_input(captioner.prompt_label, "", key="prompt", max_chars=200, help=captioner.prompt_help)
+        if captioner.prompt_choices:
+            prompt = st.selectbox(
+                captioner.prompt_label, captioner.prompt_choices, key="prompt_choice", help=captioner.prompt_help
+            )
+        else:
+            prompt = st.text_input(captioner.prompt_label, "", key="prompt", max_chars=200, help=captioner.prompt_help)
     return Decoding(prompt, max_new_tokens, num_beams)
 
 

@@ -3,13 +3,17 @@
 Random weights cost exactly what the real checkpoint costs (same config, same shapes), and
 need no download. ``--family blip`` builds BLIP base and times Grad-CAM (its gradient crosses
 the whole vision tower); ``--family smolvlm`` builds SmolVLM-256M-Instruct and times the
-family's default method (gradient x attention over the language model's layers). Every number
+family's default method (gradient x attention over the language model's layers);
+``--family florence2`` (Florence-2-base) and ``--family blip2`` (blip2-opt-2.7b) time HiResCAM,
+whose gradient crosses their whole vision towers. Every number
 is the median of ``--repeats`` runs, measured side by side in this one process so that ratios
 are fair on a busy machine. The ``_unflushed`` measures run the same work without flushing
 denormal floats, which on some CPUs is ten times slower.
 
     python bench/speed.py --json bench/results/speed.json
     python bench/speed.py --family smolvlm --json bench/results/speed_smolvlm.json
+    python bench/speed.py --family florence2 --json bench/results/speed_florence2.json
+    python bench/speed.py --family blip2 --json bench/results/speed_blip2.json  # about 16 GB of memory
     python bench/speed.py --family llava_onevision --goals-only --repeats 1
     python bench/speed.py --family qwen2_vl --goals-only --repeats 1
 
@@ -32,22 +36,36 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
+    BartConfig,
     BertTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipProcessor,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2Processor,
+    Florence2VisionConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     LlamaConfig,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    OPTConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
@@ -55,6 +73,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 from models.denormals import set_flush_denormal_everywhere
 from models.explainer import DEFAULT_INSTRUCTION, Caption, CaptionerExplainer
 from models.families import explainer_for_model
+from models.florence2_explainer import CAPTION_TASKS
 from models.hooks import capture_outputs
 from models.llava_onevision_explainer import ImageOnlyLlavaOnevisionProcessor
 from models.qwen2vl_explainer import ImageOnlyQwen2VLProcessor
@@ -148,6 +167,135 @@ def build_smolvlm_256m_architecture(
     )
     processor = SmolVLMImageTextProcessor(image_processor, tokenizer)
     return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
+
+
+# BART's and OPT's special tokens (byte-level BPE vocabularies from RoBERTa / GPT-2).
+BART_SPECIAL_TOKENS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+IMAGE_TOKEN_TEXT = "<image>"
+
+
+def word_level_tokenizer(size: int, bos: str, image_token_id: int | None = None) -> PreTrainedTokenizerFast:
+    """A tokenizer of ``size`` synthetic words ("w4", "w5", ...), one id each, with BART's special
+    tokens at their ids: the real vocabulary's size, with no download. ``image_token_id``: where
+    an "<image>" token stands (Florence-2); None leaves it to the processor (BLIP-2's adds it
+    after the vocabulary). ``bos``: the token that starts a sequence ("</s>" for OPT, which the
+    tokenizer then writes first)."""
+    vocabulary = {f"w{index}": index for index in range(len(BART_SPECIAL_TOKENS), size)} | BART_SPECIAL_TOKENS
+    extra = {}
+    if image_token_id is not None:
+        vocabulary[IMAGE_TOKEN_TEXT] = image_token_id
+        extra["extra_special_tokens"] = {"image_token": IMAGE_TOKEN_TEXT}
+    word_level = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_level.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    if bos == "</s>":
+        word_level.post_processor = processors.TemplateProcessing(
+            single="</s> $A", special_tokens=[("</s>", BART_SPECIAL_TOKENS["</s>"])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level, bos_token=bos, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", **extra
+    )
+
+
+def build_florence2_base_architecture(flush_denormals: bool = True) -> CaptionerExplainer:
+    """Florence-2-base's architecture (florence-community/Florence-2-base), random weights, a
+    synthetic word-level vocabulary of the real size.
+
+    Sources of the numbers: Florence2VisionConfig's defaults are the base DaViT (depths 1, 1, 9,
+    1; widths 128 to 1024; window 12) but its projection_dim (1024) is the large model's: base
+    projects to 768, BART base's width (6 encoder and 6 decoder layers, 12 heads, 3072-wide
+    feed-forward, 1024 positions). The vocabulary is BART's 51289 pieces (with Florence-2's
+    location tokens) plus the <image> token, id 51289 (Florence2Config's default). The
+    processor squashes images to 768 x 768: a 24 x 24 grid of 32 px tokens plus their mean,
+    577 image tokens (the checkpoint's preprocessor_config.json).
+    """
+    image_token_id = 51289
+    tokenizer = word_level_tokenizer(image_token_id, bos="<s>", image_token_id=image_token_id)
+    config = Florence2Config(
+        vision_config=Florence2VisionConfig(projection_dim=768),
+        text_config=BartConfig(
+            vocab_size=len(tokenizer),
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_attention_heads=12,
+            decoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            decoder_ffn_dim=3072,
+            max_position_embeddings=1024,
+            bos_token_id=0,
+            pad_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+        image_token_id=image_token_id,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config).eval().requires_grad_(False)
+    image_processor = CLIPImageProcessorPil(
+        size={"height": 768, "width": 768}, do_center_crop=False, resample=3,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], image_seq_length=577,
+    )
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
+
+
+def florence2_caption(explainer: CaptionerExplainer, image: Image.Image, words: int) -> Caption:
+    """The encoder's text for <CAPTION>, then ``words`` synthetic words (one id each) between the
+    decoder's </s> <s> and </s>, as ``caption`` returns one."""
+    text_ids = explainer.prompt_inputs(image, CAPTION_TASKS[0])["input_ids"][0, explainer.image_token_count :]
+    bos, eos = BART_SPECIAL_TOKENS["<s>"], BART_SPECIAL_TOKENS["</s>"]
+    decoder_ids = [eos, bos, *range(1000, 1000 + words), eos]
+    return explainer.caption_from_ids([*text_ids.tolist(), *decoder_ids], len(text_ids) + 1)
+
+
+def build_blip2_opt_27b_architecture(flush_denormals: bool = True) -> CaptionerExplainer:
+    """Salesforce/blip2-opt-2.7b's architecture, random weights, a synthetic word-level vocabulary
+    of the real size: 3.74 B parameters (OPT's output layer is its input embedding), about 15 GB
+    in float32.
+
+    Sources of the numbers: Blip2VisionConfig's and Blip2QFormerConfig's defaults are the
+    checkpoint's (EVA ViT-g/14: 39 layers, width 1408, 224 px; a 12-layer Q-Former, width 768,
+    cross-attention on every second layer; 32 queries); the language model is OPT-2.7b (32
+    layers, width 2560, 32 heads, 10240-wide feed-forward, 2048 positions), whose vocabulary of
+    50265 pieces gets "<image>" (id 50265) from the processor; the embeddings hold 50272 rows.
+    """
+    image_processor = BlipImageProcessorPil(
+        size={"height": 224, "width": 224},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = Blip2Processor(image_processor, word_level_tokenizer(50265, bos="</s>"), num_query_tokens=32)
+    text_config = OPTConfig(
+        hidden_size=2560,
+        ffn_dim=10240,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        word_embed_proj_dim=2560,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        bos_token_id=BART_SPECIAL_TOKENS["</s>"],
+        eos_token_id=BART_SPECIAL_TOKENS["</s>"],
+        pad_token_id=BART_SPECIAL_TOKENS["<pad>"],
+    )
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(initializer_range=0.02),  # its default, 1e-10, zeroes the tower
+        qformer_config=Blip2QFormerConfig(),
+        text_config=text_config,
+        num_query_tokens=32,
+        image_token_index=processor.tokenizer.convert_tokens_to_ids(processor.image_token.content),
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config).eval().requires_grad_(False)
+    return explainer_for_model(model, processor, torch.device("cpu"), flush_denormals)
+
+
+def blip2_caption(explainer: CaptionerExplainer, image: Image.Image, words: int) -> Caption:
+    """The query ids and </s>, then ``words`` synthetic words (one id each) and </s>, as
+    ``caption`` returns one without a prompt."""
+    prompt = explainer.processor(images=[image], text="", return_tensors="pt").input_ids[0].tolist()
+    return explainer.caption_from_ids([*prompt, *range(1000, 1000 + words), BART_SPECIAL_TOKENS["</s>"]], len(prompt))
 
 
 QWEN_VOCABULARY = 151936  # Qwen2's embedding rows (its tokenizer's 151643 ids plus room for added tokens)
@@ -260,6 +408,20 @@ FAMILIES = {
         f"SmolVLM-256M-Instruct architecture (Idefics3), random weights, long side {SMOLVLM_LONGEST_EDGE} px",
         "attention",
         smolvlm_caption,
+    ),
+    # HiResCAM: its gradient crosses the whole DaViT tower, as BLIP's Grad-CAM crosses its ViT.
+    "florence2": (
+        build_florence2_base_architecture,
+        "Florence-2-base architecture, random weights, 768 px",
+        "hirescam",
+        florence2_caption,
+    ),
+    # Not measured on the 2-core, 24 GiB development machine: it needs about 16 GB in float32.
+    "blip2": (
+        build_blip2_opt_27b_architecture,
+        "blip2-opt-2.7b architecture, random weights, 224 px",
+        "hirescam",
+        blip2_caption,
     ),
     "llava_onevision": (
         build_llava_onevision_05b_architecture,

@@ -18,10 +18,10 @@ from models.denormals import in_denormal_mode
 from models.explainer import (
     Caption,
     CaptionerExplainer,
-    GradientMethod,
     Method,
     OcclusionMethod,
     attention_row_relevance,
+    cross_attention_method,
     patch_token_relevance,
     vision_layer_methods,
 )
@@ -59,19 +59,10 @@ class BlipExplainer(CaptionerExplainer):
         return squash_geometry(image_size, self.grid_shape)
 
     def build_methods(self) -> dict[str, Method]:
-        decoder_count = len(self.cross_attentions)
         vision_methods = vision_layer_methods(
             self.vision_layers, lambda cam: patch_token_relevance(cam, first_patch_token=1)  # after CLS
         )
-        cross_attention = GradientMethod(
-            "Gradient x cross-attention, text decoder layers",
-            tuple(self.cross_attentions),
-            tuple(f"decoder cross-attention {index + 1}/{decoder_count}" for index in range(decoder_count)),
-            attention_row_relevance(first_patch_key=1),  # after CLS
-            output_index=1,  # (context, attention probabilities)
-            # Every layer's cross-attention carries part of the image evidence to the word.
-            pooled_name=f"decoder cross-attention, mean of all {decoder_count} layers",
-        )
+        cross_attention = cross_attention_method(self.cross_attentions, attention_row_relevance(first_patch_key=1))
         return {**vision_methods, "cross_attention": cross_attention, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:

@@ -166,6 +166,11 @@ def contrastive_target(token_ids: Sequence[int], position: int, foil_id: int) ->
 # How one captured layer becomes patch relevance: (activation (1, ...), gradients (words, 1, ...),
 # caption, word indices) -> (words, patches).
 LayerRelevance = Callable[[torch.Tensor, torch.Tensor, Caption, Sequence[int]], torch.Tensor]
+# How all of a method's captured modules together become its maps: (activations, gradients,
+# caption, word indices) -> one (words, patches) map per map name.
+ComposedRelevance = Callable[
+    [Sequence[torch.Tensor], Sequence[torch.Tensor], Caption, Sequence[int]], list[torch.Tensor]
+]
 
 
 @dataclass(frozen=True)
@@ -186,16 +191,21 @@ class GradientMethod:
         attention_heads: for a method that reads a decoder-only model's self-attention over
             the whole sequence, the heads of all its modules together: its memory grows with
             the square of the sequence (see ``check_attention_memory``).
+        compose: if set, it makes the maps instead of ``relevance`` (then None), from all the
+            modules' outputs and gradients at once, one map per ``layer_names`` entry: for a
+            map that carries one module's relevance through another's attention (BLIP-2: the
+            language model's attention to the queries, through the Q-Former to the patches).
     """
 
     label: str
     modules: tuple[nn.Module, ...]
     layer_names: tuple[str, ...]
-    relevance: LayerRelevance
+    relevance: LayerRelevance | None
     output_index: int = 0
     pooled_name: str | None = None
     token_of_patch: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
     attention_heads: int = 0
+    compose: ComposedRelevance | None = None
 
     @property
     def map_names(self) -> tuple[str, ...]:
@@ -291,20 +301,47 @@ def vision_layer_methods(
     }
 
 
-def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance, **options) -> Method:
-    """Gradient x attention in a decoder-only model's language layers (eager attention: the
-    probabilities are the second output), one map per layer, then their mean."""
+def attention_layers_method(
+    label: str, layer_label: str, attentions: Sequence[nn.Module], relevance: LayerRelevance, **options
+) -> Method:
+    """Gradient x attention in a stack of attention layers (eager attention: the probabilities
+    are the second output), one map per layer ("``layer_label`` i/n"), then their mean: every
+    layer carries part of the image evidence to the word.
+
+    Args:
+        label: what the page calls the method.
+        layer_label: what a map is called, before its index.
+        attentions: the attention modules, shallow to deep.
+        relevance: turns one layer's probabilities and gradients into patch relevance.
+        options: passed on to the GradientMethod (e.g. ``token_of_patch``).
+    """
     count = len(attentions)
-    heads = sum(module.config.num_attention_heads for module in attentions)
     return GradientMethod(
-        "Gradient x attention to the image tokens, language model layers",
+        label,
         tuple(attentions),
-        tuple(f"language model attention {index + 1}/{count}" for index in range(count)),
+        tuple(f"{layer_label} {index + 1}/{count}" for index in range(count)),
         relevance,
         output_index=1,  # (attention output, attention probabilities)
-        pooled_name=f"language model attention, mean of all {count} layers",
-        attention_heads=heads,
+        pooled_name=f"{layer_label}, mean of all {count} layers",
         **options,
+    )
+
+
+def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance, **options) -> Method:
+    """Gradient x attention in a decoder-only model's language layers, one map per layer, then their mean.
+    Its memory grows with the square of the sequence: ``attention_heads`` lets the engine check it."""
+    return attention_layers_method(
+        "Gradient x attention to the image tokens, language model layers", "language model attention",
+        attentions, relevance, attention_heads=sum(module.config.num_attention_heads for module in attentions),
+        **options,
+    )
+
+
+def cross_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance) -> Method:
+    """Gradient x cross-attention in a text decoder's layers (BLIP, Florence-2), one map per
+    layer, then their mean."""
+    return attention_layers_method(
+        "Gradient x cross-attention, text decoder layers", "decoder cross-attention", attentions, relevance
     )
 
 
@@ -337,16 +374,19 @@ def _word_row_attention(attention, gradients, caption, word_indices) -> torch.Te
     return torch.stack(maps)
 
 
-def attention_row_relevance(first_patch_key: int) -> LayerRelevance:
+def attention_row_relevance(first_patch_key: int, patch_count: int | None = None) -> LayerRelevance:
     """Gradient x attention from each word's rows to the image's patch keys (cross-attention,
     whose keys are the vision tokens).
 
     Args:
         first_patch_key: keys before it are not patches (1 for a CLS token).
+        patch_count: how many patch keys follow it; None: all the remaining keys (keys after
+            the patches, Florence-2's prompt text, are none).
     """
+    last_patch_key = None if patch_count is None else first_patch_key + patch_count
 
     def relevance(attention, gradients, caption, word_indices):
-        return _word_row_attention(attention, gradients, caption, word_indices)[:, first_patch_key:]
+        return _word_row_attention(attention, gradients, caption, word_indices)[:, first_patch_key:last_patch_key]
 
     return relevance
 
@@ -425,6 +465,37 @@ def check_attention_memory(method: Method, sequence_length: int, dtype: torch.dt
         )
 
 
+def switch_to_eager_attention(model: nn.Module, config_names: Sequence[str]) -> None:
+    """Switch the named sub-models (``"text_config"``, ...) to eager attention, which returns
+    attention probabilities (SDPA returns none); the model is then the explainer's.
+
+    Raises:
+        MissingCaptureError: a sub-model did not switch.
+    """
+    model.set_attn_implementation(dict.fromkeys(config_names, "eager"))
+    for name in config_names:
+        implementation = getattr(model.config, name)._attn_implementation
+        if implementation != "eager":
+            raise MissingCaptureError(
+                f"the {name.removesuffix('_config')} model uses {implementation!r} attention, "
+                "which returns no attention probabilities; eager attention is needed"
+            )
+
+
+def special_token_ids(tokenizer, text_config, *extra_ids: int) -> frozenset[int]:
+    """Ids that are never words: the tokenizer's special ids, the text config's BOS, EOS,
+    padding and decoder-start ids (each an id, a list of ids, or unset), and ``extra_ids``
+    (image tokens)."""
+    names = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    configured = (getattr(text_config, name, None) for name in names)
+    return frozenset(tokenizer.all_special_ids) | set(extra_ids) | {
+        token_id
+        for value in configured
+        for token_id in (value if isinstance(value, (list, tuple)) else [value])
+        if isinstance(token_id, int)
+    }
+
+
 # Chat models caption by answering an instruction; the page's prompt box replaces it.
 DEFAULT_INSTRUCTION = "Describe this image in one sentence."
 INSTRUCTION_LABEL = "Instruction"
@@ -458,6 +529,9 @@ class CaptionerExplainer(PretrainedExplainer):
     # The sidebar's text box: what the family's ``caption(prompt=...)`` does with it.
     prompt_label: ClassVar[str] = "Prompt"
     prompt_help: ClassVar[str] = ""
+    # Families whose prompt is one of a few tasks (Florence-2) list them, the default first:
+    # the page offers a select box instead of the text box.
+    prompt_choices: ClassVar[tuple[str, ...]] = ()
     # Chat families: a caption's text is the answer alone; the template and the instruction
     # are what the model was asked, not what it wrote (the page shows the text, CLIP reads it).
     # Captioners whose prompt starts the caption (BLIP) keep it in the text.
@@ -691,7 +765,8 @@ class CaptionerExplainer(PretrainedExplainer):
             # Rows from the one before the caption's first word: no target reads the prompt's.
             first_row = caption.prompt_length - 1
             log_probs = self.teacher_forced_logits(inputs, ids, first_row)[0].float().log_softmax(dim=-1)
-            missing = [name for name, value in zip(method.layer_names, captured, strict=True) if value is None]
+            module_names = method.layer_names if method.compose is None else [type(m).__name__ for m in method.modules]
+            missing = [name for name, value in zip(module_names, captured, strict=True) if value is None]
             if missing:
                 raise MissingCaptureError(
                     f"{method.label}: nothing was captured at {', '.join(missing)} "
@@ -707,12 +782,7 @@ class CaptionerExplainer(PretrainedExplainer):
             for slot, score in enumerate(scores):
                 gradients = torch.autograd.grad(score, captured, retain_graph=slot < len(targets) - 1)
                 with torch.no_grad():
-                    per_word.append(
-                        [
-                            method.relevance(activation, gradient[None], caption, [word_indices[slot]])[0]
-                            for activation, gradient in zip(captured, gradients, strict=True)
-                        ]
-                    )
+                    per_word.append(self._word_maps(method, captured, gradients, caption, word_indices[slot]))
                 del gradients
         maps = [torch.stack(layer_maps) for layer_maps in zip(*per_word, strict=True)]  # per layer: (W, patches)
         if method.token_of_patch is not None:
@@ -723,6 +793,18 @@ class CaptionerExplainer(PretrainedExplainer):
             # scale shared with the single layers still shows them.
             maps.append(torch.stack(maps).mean(dim=0))
         return scores.detach(), torch.stack(maps, dim=1).detach()
+
+    @staticmethod
+    def _word_maps(method: GradientMethod, captured, gradients, caption: Caption, word_index: int) -> list:
+        """One word's maps, a (patches,) tensor per map before pooling, from its gradients
+        (1, ...) with respect to every captured module."""
+        gradients = [gradient[None] for gradient in gradients]  # (1 word, 1, ...)
+        if method.compose is not None:
+            return [word_map[0] for word_map in method.compose(captured, gradients, caption, [word_index])]
+        return [
+            method.relevance(activation, gradient, caption, [word_index])[0]
+            for activation, gradient in zip(captured, gradients, strict=True)
+        ]
 
     @torch.no_grad()
     def _occlusion_maps(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.blip2_explainer import Blip2Explainer
 from models.blip_explainer import BlipExplainer
 from models.explainer import CaptionerExplainer
+from models.florence2_explainer import Florence2Explainer
 from models.llava_explainer import LlavaExplainer
 from models.llava_onevision_explainer import LlavaOnevisionExplainer
 from models.loading import (
@@ -36,6 +38,8 @@ CAPTIONER_FAMILIES: tuple[type[CaptionerExplainer], ...] = (
     Qwen2VLExplainer,
     Qwen2_5_VLExplainer,
     Qwen3VLExplainer,
+    Florence2Explainer,
+    Blip2Explainer,
 )
 # The bundled demo folder that "shapes-demo" means for a captioner.
 CAPTIONER_DEMO_COMPONENT = "blip"

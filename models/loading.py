@@ -45,6 +45,8 @@ SMOLVLM_256M = "HuggingFaceTB/SmolVLM-256M-Instruct"  # the chat model small eno
 LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
 LLAVA_ONEVISION_05B = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 QWEN2_VL_2B = "Qwen/Qwen2-VL-2B-Instruct"
+FLORENCE2_BASE = "florence-community/Florence-2-base"  # 0.23 B: the task captioner for a CPU
+BLIP2_OPT_27B = "Salesforce/blip2-opt-2.7b"
 HUB_PROBE_TIMEOUT_S = 3.0
 # Config, processor and tokenizer files: everything a checkpoint needs besides its weights.
 COMPANION_PATTERNS = ["*.json", "*.txt", "*.model"]
@@ -78,9 +80,11 @@ def model_choices(local_captioner_dir: str | None = None, local_clip_dir: str | 
     choices = [
         ModelChoice("BLIP base + CLIP B/32", BLIP_BASE, CLIP_BASE),
         ModelChoice("BLIP large + CLIP B/32", BLIP_LARGE, CLIP_BASE),
+        ModelChoice("Florence-2 base + CLIP B/32", FLORENCE2_BASE, CLIP_BASE),
         ModelChoice("SmolVLM 256M Instruct + CLIP B/32", SMOLVLM_256M, CLIP_BASE),
         ModelChoice("LLaVA-OneVision 0.5B + CLIP B/32", LLAVA_ONEVISION_05B, CLIP_BASE),
         ModelChoice("Qwen2-VL 2B Instruct + CLIP B/32", QWEN2_VL_2B, CLIP_BASE),
+        ModelChoice("BLIP-2 OPT 2.7B + CLIP B/32", BLIP2_OPT_27B, CLIP_BASE),
         ModelChoice("LLaVA-1.5 7B + CLIP B/32", LLAVA_15_7B, CLIP_BASE),
         SHAPES_DEMO_CHOICE,
     ]

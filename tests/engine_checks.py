@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -33,6 +34,56 @@ def assert_threads_get_what_they_get_alone(
             np.testing.assert_allclose(got.cam_patches, expected.cam_patches, rtol=rtol, atol=atol)
 
 
+def count_forward_hooks(model) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def assert_no_hook_is_left_after_an_error(explainer, caption, image, methods, failing_part, failing_methods) -> None:
+    """Every method explained once (transformers installs its own capture hooks once, lazily),
+    then ``failing_part``'s forward made to raise after the parts before it ran (their hooks
+    fired): each of ``failing_methods`` raises, and the model keeps the hooks it had.
+
+    Args:
+        failing_part: a submodule that runs after the captured modules of ``failing_methods``
+            have started to capture (a language model, a decoder).
+    """
+    for method in methods:
+        explainer.explain(image, caption, word_indices=[0], method=method)
+    hooks_before = count_forward_hooks(explainer.model)
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("part failed")
+
+    original_forward = failing_part.forward
+    failing_part.forward = broken_forward
+    try:
+        for method in failing_methods:
+            with pytest.raises(RuntimeError, match="part failed"):
+                explainer.explain(image, caption, method=method)
+    finally:
+        failing_part.forward = original_forward
+    assert count_forward_hooks(explainer.model) == hooks_before
+
+
+def assert_parameters_get_no_gradient(explainer, caption, image, methods) -> None:
+    """Explaining with every method writes no ``.grad`` into the shared, frozen parameters."""
+    for method in methods:
+        explainer.explain(image, caption, method=method)
+    assert all(parameter.grad is None for parameter in explainer.model.parameters())
+    assert not any(parameter.requires_grad for parameter in explainer.model.parameters())
+
+
+def assert_all_words_at_once_equal_each_alone(explainer, caption, image, method, patches: int) -> None:
+    """All of a caption's words explained in one call give each word's maps and score alone,
+    one finite, non-negative map per map name over ``patches`` patches."""
+    together = explainer.explain(image, caption, method=method)
+    assert [maps.word for maps in together] == [word.text for word in caption.words]
+    for index, maps in enumerate(together):
+        (alone,) = explainer.explain(image, caption, word_indices=[index], method=method)
+        assert maps.score == pytest.approx(alone.score, abs=1e-5)
+        np.testing.assert_allclose(maps.cam_patches, alone.cam_patches, rtol=1e-4, atol=1e-10)
+        assert maps.cam_patches.shape == (len(explainer.layer_names(method)), patches)
+        assert np.isfinite(maps.cam_patches).all() and (maps.cam_patches >= 0).all()
 def assert_projector_map_is_gradient_x_input(
     explainer, language_model: nn.Module, image, caption, word_index: int, tokens_to_patches
 ):

@@ -13,7 +13,7 @@ import evaluate
 from models.analysis import word_scorer
 from models.blip_explainer import BlipExplainer
 from models.evaluation import MeasureSettings, measure_image, measure_shapes_scenes
-from tests.tiny_families import CHAT_FAMILIES, save_family
+from tests.tiny_families import TINY_FAMILIES, save_family
 from utils.metrics import curves_by_order, patch_order
 from utils.shapes_world import EVAL_SEEDS, SHAPES, generate_scene
 
@@ -185,8 +185,8 @@ def test_each_map_is_scored_on_its_own_word(demo_blip, scene_seeds):
             np.testing.assert_allclose(curve.scores, expected.scores[:, 0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("family", CHAT_FAMILIES)
-def test_evaluate_runs_on_a_chat_family_folder(family, tmp_path, scene_seeds):
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_evaluate_runs_on_a_family_folder(family, tmp_path, scene_seeds):
     model = save_family(family, tmp_path / family)
     images, annotations = write_coco_folder(tmp_path, scene_seeds[:2])
     out = tmp_path / "out"
