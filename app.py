@@ -20,14 +20,16 @@ from PIL import Image
 from streamlit_image_coordinates import streamlit_image_coordinates
 
 from models.analysis import (
+    LANGUAGE_PRIOR_NATS,
     MaskedCaption,
+    WordEvidence,
     WordFaithfulness,
     WorkKey,
     caption_image,
     mask_and_recaption,
     measure_word,
     sanity_check,
-    word_probabilities,
+    word_evidence,
 )
 from models.clip_explainer import ClipExplainer, ClipMap, Similarity
 from models.explainer import (
@@ -50,6 +52,7 @@ from models.loading import (
 from utils.allocator import return_large_buffers
 from utils.caption_diff import diff_html
 from utils.image_utils import (
+    COUNTERFACTUALS,
     ImageLoadError,
     WorkingImage,
     colormap_names,
@@ -65,7 +68,7 @@ from utils.metrics import SanityCheck
 from utils.patch_utils import FILL_MODES, Box, box_from_corners, click_to_image, top_patches
 from utils.plots import curves_figure, log_prob_change_figure
 from utils.report import ReportContent, report_html, report_zip
-from utils.text import escape_markdown, first_content_word
+from utils.text import RELIANCE_BARS, RELIANCE_FULL_BAR_NATS, escape_markdown, first_content_word, reliance_mark
 from utils.video_utils import encode_mp4, layer_frames
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "media" / "examples"
@@ -113,8 +116,8 @@ def cached_caption(key: WorkKey, decoding: Decoding, _captioner: CaptionerExplai
 
 
 @cached(64)
-def cached_word_probabilities(key: WorkKey, _captioner, _image, _caption: Caption):
-    return word_probabilities(_captioner, _image, _caption)
+def cached_word_evidence(key: WorkKey, counterfactual: str, _captioner, _image, _caption: Caption) -> WordEvidence:
+    return word_evidence(_captioner, _image, _caption, counterfactual)
 
 
 @cached(64, "Explaining the word at every layer…")
@@ -177,6 +180,7 @@ class Page:
     caption: Caption
     decoding: Decoding
     demo: bool  # the bundled shapes demo, not a real captioner
+    counterfactual: str  # the image that stands for "no image" in each word's visual reliance
 
     @property
     def image(self) -> Image.Image:
@@ -193,6 +197,10 @@ class Page:
         if (self.key, method) in st.session_state.filled_word_maps:
             return self.all_word_maps(method)[word]
         return cached_one_word_maps(self.key, method, word, self.captioner, self.image, self.caption)
+
+    def evidence(self) -> WordEvidence:
+        """Every word's probability and visual reliance (one batched pass, cached)."""
+        return cached_word_evidence(self.key, self.counterfactual, self.captioner, self.image, self.caption)
 
     def all_word_maps(self, method: str) -> list[WordMaps]:
         """Every caption word's maps for a method, in one forward pass and one gradient per word."""
@@ -305,6 +313,20 @@ def decoding_ui(captioner: CaptionerExplainer) -> Decoding:
     return Decoding(prompt, max_new_tokens, num_beams)
 
 
+def counterfactual_ui() -> str:
+    """Which image stands for "no image" when each word's visual reliance is measured."""
+    with st.sidebar:
+        st.header("Visual reliance")
+        return st.selectbox(
+            "Counterfactual image",
+            COUNTERFACTUALS,
+            key="counterfactual",
+            help="A word's reliance compares its probability given the image with its probability given "
+            "this image, which shows nothing of it. mean: the model's mean colour everywhere (its "
+            "normalised input is all zeros); blurred: the image blurred, coarse colours kept; noise: random pixels.",
+        )
+
+
 def load_models_ui(
     choice: ModelChoice, device: str, precision: str
 ) -> tuple[CaptionerExplainer, ClipExplainer | None, str, str]:
@@ -396,15 +418,24 @@ def caption_ui(page: Page) -> int:
     if not caption.words:
         st.warning("The caption has no words to explain.")
         st.stop()
-    probabilities = cached_word_probabilities(page.key, page.captioner, page.image, caption)
+    evidence = page.evidence()
     if st.session_state.word_caption != page.key.caption:  # a new caption starts at its first content word
         st.session_state.word_caption = page.key.caption
         st.session_state.word = first_content_word([word.text for word in caption.words])
     chosen = st.pills(
         "Explain which word?",
         list(range(len(caption.words))),
-        format_func=lambda index: f"{escape_markdown(caption.words[index].text)} · {probabilities[index]:.0%}",
+        format_func=lambda index: (
+            f"{escape_markdown(caption.words[index].text)} · {evidence.probabilities[index]:.0%} · "
+            f"{reliance_mark(evidence.reliance[index], LANGUAGE_PRIOR_NATS)}"
+        ),
         key="word",
+    )
+    st.caption(
+        f"After each word: its probability, then how much the image raised it (visual reliance: log p with "
+        f"the image minus log p with the {evidence.counterfactual} image, {' '.join(RELIANCE_BARS)} up to "
+        f"{RELIANCE_FULL_BAR_NATS:g} nats or more). **prior**: under {LANGUAGE_PRIOR_NATS:g} nats, the word "
+        "comes from the language model's prior, not from the image."
     )
     return 0 if chosen is None else chosen
 
@@ -514,6 +545,13 @@ def heatmap_ui(page: Page, word: int, page_view: ViewSettings) -> None:
         # Nothing below can be drawn without the maps; the method box above stays to choose another.
         st.error(escape_markdown(str(error)))
         st.stop()
+    evidence = page.evidence()
+    if evidence.from_prior[word]:
+        st.warning(
+            f"“{escape_markdown(maps.word)}” barely depends on the image ({evidence.reliance[word]:+.2f} nats "
+            f"against the {evidence.counterfactual} image): it comes from the language model's prior, so this "
+            "heatmap is no evidence of where it is."
+        )
     heat, value_range = page.heat_images(maps)
     overlay = overlay_heatmap(
         page.display_image,
@@ -782,7 +820,8 @@ class Shown:
         clip = self.clip and (self.clip.text, self.clip.layer)
         video = self.video and sha256(self.video)
         masked = self.masked and st.session_state.masked_request
-        return repr((page.key, self.view.method, self.word, self.view.layer, masked, self.measured, clip, video))
+        view = (self.view.method, self.word, self.view.layer, page.counterfactual)
+        return repr((page.key, *view, masked, self.measured, clip, video))
 
 
 def report_ui(page: Page, model_label: str, shown: Shown) -> None:
@@ -823,7 +862,12 @@ def report_content(page: Page, model_label: str, shown: Shown) -> ReportContent:
     )
     if shown.clip is not None:
         heatmaps += (("CLIP", shown.clip.overlay),)
-    metrics = {"word": maps.word, "method": method, "score": maps.score, **shown.measured}
+    evidence = page.evidence()
+    metrics = {
+        "word": maps.word, "method": method, "score": maps.score,
+        "visual_reliance_nats": float(evidence.reliance[shown.word]), "counterfactual": evidence.counterfactual,
+        **shown.measured,
+    }  # fmt: skip
     # The page works on a copy of at most WORKING_MAX_SIDE pixels; boxes are given in the original's.
     metrics["original_size"] = list(page.working.original_size)
     if masked is not None:
@@ -874,6 +918,7 @@ def main() -> None:
     page = Page(
         captioner, clip, replace(image_key, caption="-".join(map(str, caption.token_ids))), clip_model_key,
         working, st.session_state.display_image, caption, decoding, choice == SHAPES_DEMO_CHOICE,
+        counterfactual_ui(),
     )
     word = caption_ui(page)
     view = view_settings(captioner)

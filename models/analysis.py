@@ -14,6 +14,7 @@ from PIL import Image
 
 from models.explainer import Caption, CaptionerExplainer, Decoding, WordMaps
 from utils.caption_diff import DiffToken, removed_words, word_diff
+from utils.image_utils import counterfactual_image
 from utils.metrics import (
     CaptionWords,
     CurveSet,
@@ -77,9 +78,41 @@ def word_log_probs(captioner: CaptionerExplainer, images: Sequence[Image.Image],
     return np.stack([token_log_probs[:, word.start : word.end].sum(axis=1) for word in caption.words], axis=1)
 
 
-def word_probabilities(captioner: CaptionerExplainer, image: Image.Image, caption: Caption) -> np.ndarray:
-    """(words,) probability of each caption word given the image (its pieces' product)."""
-    return np.exp(word_log_probs(captioner, [image], caption)[0])
+# Below this many nats, the image raised a word's log p too little for its heatmap to be
+# evidence: p(word | image) is under 1.65 x p(word | an image that shows nothing).
+LANGUAGE_PRIOR_NATS = 0.5
+
+
+@dataclass(frozen=True)
+class WordEvidence:
+    """How much each caption word owes to the image (EAGLE's modality reliance, per word).
+
+    Args:
+        probabilities: (words,) p(word | image), its pieces' product, teacher-forced.
+        reliance: (words,) log p(word | image) - log p(word | counterfactual), in nats, both on
+            the same caption prefix; near zero or below, the word comes from the language prior.
+        counterfactual: which image stood for "no image" (utils.image_utils.COUNTERFACTUALS).
+    """
+
+    probabilities: np.ndarray
+    reliance: np.ndarray
+    counterfactual: str
+
+    @property
+    def from_prior(self) -> np.ndarray:
+        """(words,) True where the image raised the word's log p by less than LANGUAGE_PRIOR_NATS."""
+        return self.reliance < LANGUAGE_PRIOR_NATS
+
+
+def word_evidence(
+    captioner: CaptionerExplainer, image: Image.Image, caption: Caption, counterfactual: str = "mean"
+) -> WordEvidence:
+    """Every word's probability and visual reliance, from one batched teacher-forced pass over
+    the image and its counterfactual."""
+    mean_rgb = getattr(captioner.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    blank = counterfactual_image(image, counterfactual, mean_rgb)
+    with_image, without = word_log_probs(captioner, [image, blank], caption)
+    return WordEvidence(np.exp(with_image), with_image - without, counterfactual)
 
 
 def mask_and_recaption(

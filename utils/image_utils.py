@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 # 50 megapixels (150 MB as RGB) holds nearly every camera photo; beyond it, refuse early.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -426,3 +426,23 @@ def to_png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# Images that carry no information about the scene, for a word's visual reliance.
+# "mean": the dataset-mean colour everywhere, which the processor normalises to all zeros: no
+# edge, no colour, no object (the usual attribution baseline). "blurred" keeps coarse colour
+# blobs (a red blob still says "red"); "noise" is out of distribution and adds random evidence.
+COUNTERFACTUALS = ("mean", "blurred", "noise")
+
+
+def counterfactual_image(image: Image.Image, kind: str, mean_rgb: Sequence[float]) -> Image.Image:
+    """An image of ``image``'s size that shows nothing of it: ``kind`` is one of COUNTERFACTUALS,
+    ``mean_rgb`` the model's normalisation mean (0..1 per channel). Seeded: the same every time."""
+    if kind == "mean":
+        return Image.new("RGB", image.size, tuple(round(255 * value) for value in mean_rgb))
+    if kind == "blurred":
+        return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius=max(image.size) / 8))
+    if kind == "noise":
+        pixels = np.random.default_rng(0).integers(0, 256, (image.height, image.width, 3), dtype=np.uint8)
+        return Image.fromarray(pixels)
+    raise ValueError(f"unknown counterfactual {kind!r}; choose one of {', '.join(COUNTERFACTUALS)}")

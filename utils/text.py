@@ -55,3 +55,17 @@ def first_content_word(words: Sequence[str]) -> int:
         if bare and bare not in FUNCTION_WORDS:
             return index
     return 0
+
+
+# A word's visual reliance at a glance: one bar, from the language prior's threshold up to
+# RELIANCE_FULL_BAR_NATS (the image made the word e^4, about 55 times, as likely).
+RELIANCE_BARS = "▁▂▃▄▅▆▇█"
+RELIANCE_FULL_BAR_NATS = 4.0
+
+
+def reliance_mark(nats: float, prior_below: float) -> str:
+    """"prior" under ``prior_below`` nats, else a bar whose height grows with the reliance."""
+    if not nats >= prior_below:  # NaN included
+        return "prior"
+    share = min((nats - prior_below) / (RELIANCE_FULL_BAR_NATS - prior_below), 1.0)
+    return RELIANCE_BARS[round(share * (len(RELIANCE_BARS) - 1))]
