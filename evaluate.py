@@ -330,7 +330,9 @@ class RayImageEvaluator:
     """A Ray Data worker: loads the explainer once, then evaluates the images of each batch.
 
     Records come and results go pickled, one per row: boxes and rows are nested Python objects
-    that Arrow has no type for, and pickling keeps every number bit for bit.
+    that Arrow has no type for, and pickling keeps every number bit for bit. A model that does
+    not load comes back as its ModelUnavailableError in place of each result, so that the run
+    stops with its one-line message instead of a dead worker's traceback.
     """
 
     def __init__(self, arguments: argparse.Namespace, categories: Sequence[str]):
@@ -338,11 +340,16 @@ class RayImageEvaluator:
             torch.set_num_threads(arguments.threads)
         self.arguments = arguments
         self.categories = categories
-        self.explainer = load_explainer(arguments)
+        try:
+            self.explainer = load_explainer(arguments)
+        except ModelUnavailableError as error:
+            self.explainer, self.unavailable = None, error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [
-            evaluate_record(self.explainer, pickle.loads(record), self.categories, self.arguments)
+            self.unavailable
+            if self.explainer is None
+            else evaluate_record(self.explainer, pickle.loads(record), self.categories, self.arguments)
             for record in batch["record"]
         ]
         return {"result": np.array([pickle.dumps(result) for result in results], dtype=object)}
@@ -356,6 +363,9 @@ def ray_results(
     Joins the cluster at --address, or starts Ray on this machine (and stops it afterwards) when
     none is running. A worker that dies is restarted and its images are evaluated again
     (Ray Data's actor pools retry by default); only the results that come back here are written.
+
+    Raises:
+        ModelUnavailableError: as ``load_explainer``, in the workers.
     """
     import ray  # Only --engine ray needs Ray (requirements-ray.txt): the sequential path never imports it.
 
@@ -379,7 +389,10 @@ def ray_results(
             num_gpus=arguments.gpus_per_worker or 0,
         )
         for row in evaluated.iter_rows():
-            yield pickle.loads(row["result"])
+            result = pickle.loads(row["result"])
+            if isinstance(result, ModelUnavailableError):
+                raise result
+            yield result
     finally:
         if started_here:
             ray.shutdown()

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
 import evaluate
+from models.loading import ModelUnavailableError
 from tests.coco_folder import write_coco_folder
 from utils.shapes_world import EVAL_SEEDS
 
@@ -191,9 +194,7 @@ def test_ray_resumes_skips_bad_files_and_writes_the_sequential_rows(ray_cluster,
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_worker_is_restarted_and_every_row_is_written_once(
-    ray_cluster, coco_folder, sequential_out, tmp_path
-):
+def test_a_killed_worker_is_restarted_and_every_row_is_written_once(ray_cluster, coco_folder, sequential_out, tmp_path):
     images, annotations = coco_folder
     killed = []
 
@@ -223,3 +224,25 @@ def test_a_killed_worker_is_restarted_and_every_row_is_written_once(
     # Ray restarted the killed worker in a new process, which evaluated the image it lost.
     worker_pids = {int(worker.rsplit(":", 1)[1]) for worker in summary["workers"]}
     assert worker_pids - workers_before, summary["workers"]
+
+
+def test_ray_flags_need_the_ray_engine(capsys):
+    for flags in (["--workers", "2"], ["--address", "auto"], ["--gpus-per-worker", "1"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_arguments(["--images", ".", "--out", "out", *flags])
+        assert f"{flags[0]} needs --engine ray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_arguments(["--images", ".", "--out", "out", "--engine", "ray", "--workers", "0"])
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_a_worker_whose_model_does_not_load_returns_the_one_line_reason(coco_folder, tmp_path):
+    """In-process, without Ray: the error travels back as a result, not as a dead worker's traceback."""
+    images, annotations = coco_folder
+    arguments = evaluate.parse_arguments([*ray_arguments(images, annotations, tmp_path), "--method", "nonsense"])
+    worker = evaluate.RayImageEvaluator(arguments, [])
+    record = evaluate.ImageRecord("corrupt.png", images / "corrupt.png")
+    (result,) = worker({"record": np.array([pickle.dumps(record)], dtype=object)})["result"]
+    error = pickle.loads(result)
+    assert isinstance(error, ModelUnavailableError)
+    assert str(error).startswith("--method must be one of") and "cross_attention" in str(error)
