@@ -340,10 +340,12 @@ class RayImageEvaluator:
             torch.set_num_threads(arguments.threads)
         self.arguments = arguments
         self.categories = categories
+        self.explainer: CaptionerExplainer | None = None
+        self.unavailable: ModelUnavailableError | None = None
         try:
             self.explainer = load_explainer(arguments)
         except ModelUnavailableError as error:
-            self.explainer, self.unavailable = None, error
+            self.unavailable = error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [
