@@ -14,6 +14,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Ray only for `evaluate.py --engine ray` and its tests: the app runs without it.
+$(VENV)/.ray-installed: $(VENV)/.installed requirements-ray.txt
+	$(PYTHON) -m pip install --quiet -r requirements-ray.txt
+	touch $@
+
 run: setup
 	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
 
@@ -21,7 +26,7 @@ run: setup
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-test: setup chromium
+test: setup $(VENV)/.ray-installed chromium
 	$(PYTHON) -m pytest
 
 lint: setup

@@ -5,6 +5,10 @@ heatmap against random patch orders, the fewest top patches whose masking remove
 and, with COCO-format boxes, the pointing game. Resumable: images already in the CSV are skipped.
 
     python evaluate.py --model shapes-demo --images DIR [--annotations COCO.json] --out DIR
+
+With ``--engine ray`` the images are spread over a pool of Ray Data workers (this machine's cores,
+or a cluster's nodes with ``--address``), each holding the model once; this process writes every
+image's rows as they arrive. Ray (requirements-ray.txt) is imported only then.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ import csv
 import json
 import math
 import os
+import pickle
+import socket
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from models.evaluation import ImageScores, MapScores, MeasureSettings, measure_image
@@ -54,6 +63,40 @@ CSV_COLUMNS = (
 )  # fmt: skip
 NUMERIC_COLUMNS = CSV_COLUMNS[5:]
 FIGURE_DPI = 100
+ENGINES = ("sequential", "ray")
+RAY_ONLY_FLAGS = ("address", "workers", "gpus_per_worker")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image to evaluate.
+
+    Args:
+        name: its path relative to --images, as the results name it.
+        path: its file (absolute for Ray: every worker must be able to read it).
+        boxes: category -> boxes in the image's pixels, from --annotations ({} without).
+    """
+
+    name: str
+    path: Path
+    boxes: dict[str, list[Box]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What evaluating one image gave: its CSV rows and curve records, or why it was skipped.
+
+    Args:
+        worker: "host:pid" of the process that evaluated it.
+        seconds: time spent on it there.
+    """
+
+    name: str
+    rows: list[dict]
+    curves: list[dict]
+    skipped: str = ""
+    worker: str = ""
+    seconds: float = 0.0
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -69,9 +112,21 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="curve steps (default: min(patches, 32))")
     parser.add_argument("--random-orders", type=int, default=RANDOM_ORDERS)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads, per Ray worker with --engine ray")
     parser.add_argument("--out", type=Path, required=True)
-    return parser.parse_args(argv)
+    parser.add_argument("--engine", default="sequential", choices=ENGINES, help="ray: a pool of Ray Data workers")
+    parser.add_argument("--address", help='Ray cluster to join ("auto", "HOST:6379"; default: start one here)')
+    parser.add_argument("--workers", type=int, help="Ray workers, each holding the model once (default: 1)")
+    parser.add_argument("--gpus-per-worker", type=float, help="GPUs each Ray worker reserves (default: 0)")
+    arguments = parser.parse_args(argv)
+    given_ray_flags = [flag for flag in RAY_ONLY_FLAGS if getattr(arguments, flag) is not None]
+    if arguments.engine != "ray" and given_ray_flags:
+        parser.error(f"--{given_ray_flags[0].replace('_', '-')} needs --engine ray")
+    if arguments.workers is not None and arguments.workers < 1:
+        parser.error("--workers must be at least 1")
+    if arguments.gpus_per_worker is not None and arguments.gpus_per_worker < 0:
+        parser.error("--gpus-per-worker must not be negative")
+    return arguments
 
 
 def selected_word_indices(caption: Caption, words: Sequence[str] | None) -> list[int]:
@@ -232,6 +287,152 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
 
 
+def load_explainer(arguments: argparse.Namespace) -> CaptionerExplainer:
+    """The captioner of --model on --device; fills in ``arguments.method`` with the family's default.
+
+    Raises:
+        ModelUnavailableError: the model does not load, or its family has no such --method.
+    """
+    explainer = load_captioner(arguments.model, device=arguments.device)
+    arguments.method = arguments.method or explainer.default_method
+    if arguments.method not in explainer.methods:
+        raise ModelUnavailableError(f"--method must be one of {', '.join(explainer.methods)} for this model")
+    return explainer
+
+
+def evaluate_record(
+    explainer: CaptionerExplainer, record: ImageRecord, categories: Sequence[str], arguments: argparse.Namespace
+) -> ImageResult:
+    """Evaluate one image file; a file that is no readable image comes back skipped, with the reason.
+
+    Both engines evaluate every image with this function, so their rows are the same.
+    """
+    started = time.perf_counter()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        image = load_image(record.path.read_bytes())
+    except (ImageLoadError, OSError) as error:
+        return ImageResult(record.name, [], [], skipped=str(error), worker=worker)
+    rows, curves = evaluate_image(explainer, image, record.name, categories, record.boxes, arguments)
+    return ImageResult(record.name, rows, curves, worker=worker, seconds=time.perf_counter() - started)
+
+
+def sequential_results(
+    records: Sequence[ImageRecord], categories: Sequence[str], arguments: argparse.Namespace
+) -> Iterator[ImageResult]:
+    """Evaluate the images one after another in this process."""
+    explainer = load_explainer(arguments)
+    for record in records:
+        yield evaluate_record(explainer, record, categories, arguments)
+
+
+class RayImageEvaluator:
+    """A Ray Data worker: loads the explainer once, then evaluates the images of each batch.
+
+    Records come and results go pickled, one per row: boxes and rows are nested Python objects
+    that Arrow has no type for, and pickling keeps every number bit for bit. A model that does
+    not load comes back as its ModelUnavailableError in place of each result, so that the run
+    stops with its one-line message instead of a dead worker's traceback.
+    """
+
+    def __init__(self, arguments: argparse.Namespace, categories: Sequence[str]):
+        if arguments.threads:
+            torch.set_num_threads(arguments.threads)
+        self.arguments = arguments
+        self.categories = categories
+        self.explainer: CaptionerExplainer | None = None
+        self.unavailable: ModelUnavailableError | None = None
+        try:
+            self.explainer = load_explainer(arguments)
+        except ModelUnavailableError as error:
+            self.unavailable = error
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [
+            self.unavailable
+            if self.explainer is None
+            else evaluate_record(self.explainer, pickle.loads(record), self.categories, self.arguments)
+            for record in batch["record"]
+        ]
+        return {"result": np.array([pickle.dumps(result) for result in results], dtype=object)}
+
+
+def ray_results(
+    records: Sequence[ImageRecord], categories: Sequence[str], arguments: argparse.Namespace
+) -> Iterator[ImageResult]:
+    """Evaluate the images on a pool of Ray Data workers; results come in the order they finish.
+
+    Joins the cluster at --address, or starts Ray on this machine (and stops it afterwards) when
+    none is running. A worker that dies is restarted and its images are evaluated again
+    (Ray Data's actor pools retry by default); only the results that come back here are written.
+
+    Raises:
+        ModelUnavailableError: as ``load_explainer``, in the workers.
+    """
+    import ray  # Only --engine ray needs Ray (requirements-ray.txt): the sequential path never imports it.
+
+    if not records:
+        return
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=arguments.address)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # this process shows the whole run's
+        # One image per block: each result streams back when its image is done, workers share the
+        # images evenly, and a worker that dies loses one image's work, not a block's.
+        images = ray.data.from_items([{"record": pickle.dumps(record)} for record in records],
+                                     override_num_blocks=len(records))  # fmt: skip
+        evaluated = images.map_batches(
+            RayImageEvaluator,
+            fn_constructor_kwargs={"arguments": arguments, "categories": categories},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=arguments.workers or 1),
+            num_cpus=arguments.threads or 1,
+            num_gpus=arguments.gpus_per_worker or 0,
+        )
+        for row in evaluated.iter_rows():
+            result = pickle.loads(row["result"])
+            if isinstance(result, ModelUnavailableError):
+                raise result
+            yield result
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+@dataclass
+class WorkerLoad:
+    """Images one worker evaluated and the seconds it spent on them."""
+
+    images: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {"images": self.images, "seconds": round(self.seconds, 2),
+                "images_per_s": round(self.images / self.seconds, 3) if self.seconds else None}  # fmt: skip
+
+
+def write_results(
+    out: Path, results: Iterable[ImageResult], image_count: int
+) -> tuple[list[dict], dict[str, WorkerLoad]]:
+    """Append each image's rows as its result arrives, with a progress bar over the whole run.
+
+    Returns the skipped images (name and reason) and each worker's load.
+    """
+    skipped, loads = [], defaultdict(WorkerLoad)
+    with tqdm(total=image_count, desc="images", unit="image", file=sys.stderr) as progress:
+        for result in results:
+            if result.skipped:
+                skipped.append({"image": result.name, "reason": result.skipped})
+                progress.write(f"skipped {result.name}: {result.skipped}", file=sys.stderr)
+            else:
+                append_records(out, result.rows, result.curves)
+                loads[result.worker].images += 1
+                loads[result.worker].seconds += result.seconds
+            progress.update()
+    return skipped, loads
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation; returns the process exit status."""
     arguments = parse_arguments(argv)
@@ -240,58 +441,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_folder(arguments: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    """Evaluate every image of the folder, then write the summary and plots."""
+    """Evaluate every image of the folder not yet in the CSV, then write the summary and plots."""
     started = time.perf_counter()
     arguments.out.mkdir(parents=True, exist_ok=True)
     categories, boxes_by_image = load_annotations(arguments.annotations)
+    done = {row["image"] for row in read_rows(arguments.out / CSV_NAME)}
+    names = {path: path.relative_to(arguments.images).as_posix() for path in image_files(arguments.images)}
+    records = [
+        ImageRecord(name, path.resolve(), boxes_by_image.get(name, {}))
+        for path, name in names.items()
+        if name not in done
+    ]
+    engine = ray_results if arguments.engine == "ray" else sequential_results
     try:
-        explainer = load_captioner(arguments.model, device=arguments.device)
+        skipped, loads = write_results(arguments.out, engine(records, categories, arguments), len(records))
     except ModelUnavailableError as error:
         print(error, file=sys.stderr)
         return 2
-    arguments.method = arguments.method or explainer.default_method
-    if arguments.method not in explainer.methods:
-        print(f"--method must be one of {', '.join(explainer.methods)} for this model", file=sys.stderr)
-        return 2
-    done = {row["image"] for row in read_rows(arguments.out / CSV_NAME)}
-    skipped, resumed = [], 0
-    for path in tqdm(image_files(arguments.images), desc="images", unit="image", file=sys.stderr):
-        name = path.relative_to(arguments.images).as_posix()
-        if name in done:
-            resumed += 1
-            continue
-        try:
-            image = load_image(path.read_bytes())
-        except (ImageLoadError, OSError) as error:
-            skipped.append({"image": name, "reason": str(error)})
-            tqdm.write(f"skipped {name}: {error}", file=sys.stderr)
-            continue
-        rows, curves = evaluate_image(explainer, image, name, categories, boxes_by_image.get(name, {}), arguments)
-        append_records(arguments.out, rows, curves)
     rows = read_rows(arguments.out / CSV_NAME)
     summary = {
         "command": " ".join(["python", "evaluate.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": arguments.model,
-        "method": arguments.method,
+        "method": arguments.method or next((row["method"] for row in rows), None),
         "fill": arguments.fill,
+        "engine": arguments.engine,
         "images_evaluated": len({row["image"] for row in rows}),
-        "images_resumed": resumed,
+        "images_resumed": len(names) - len(records),
         "words_evaluated": len(rows),
         "skipped_images": skipped,
+        "workers": {worker: load.summary() for worker, load in sorted(loads.items())},
         **summarise(rows),
         "seconds": round(time.perf_counter() - started, 1),
     }
     (arguments.out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     curve_path = arguments.out / CURVES_NAME
     if curve_path.is_file():
-        records = [json.loads(line) for line in curve_path.read_text().splitlines()]
-        mean_curves_figure(records).savefig(arguments.out / "curves.png", dpi=FIGURE_DPI)
+        curve_records = [json.loads(line) for line in curve_path.read_text().splitlines()]
+        mean_curves_figure(curve_records).savefig(arguments.out / "curves.png", dpi=FIGURE_DPI)
     if any(metrics["pointing_game_by_category"] for metrics in summary["per_layer"].values()):
         pointing_game_figure(summary["per_layer"]).savefig(arguments.out / "pointing_game.png", dpi=FIGURE_DPI)
+    for worker, load in summary["workers"].items():
+        print(f"worker {worker}: {load['images']} images in {load['seconds']} s ({load['images_per_s']} images/s)")
     print(f"{len(rows)} words from {summary['images_evaluated']} images, {len(skipped)} skipped; "
           f"results in {arguments.out}{os.sep}")  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Ray workers unpickle records and results by module name: run as the module "evaluate",
+    # whose classes they can import, not as "__main__", which is another program in a worker.
+    import evaluate
+
+    raise SystemExit(evaluate.main())

@@ -13,6 +13,7 @@ import evaluate
 from models.analysis import word_scorer
 from models.blip_explainer import BlipExplainer
 from models.evaluation import MeasureSettings, measure_image, measure_shapes_scenes
+from tests.coco_folder import write_coco_folder
 from tests.tiny_families import TINY_FAMILIES, save_family
 from utils.metrics import curves_by_order, patch_order
 from utils.shapes_world import EVAL_SEEDS, SHAPES, generate_scene
@@ -47,29 +48,6 @@ def scene_seeds(demo_blip) -> list[int]:
         if len(seeds) == SCENE_COUNT:
             return seeds
     raise AssertionError("not enough exactly captioned scenes")
-
-
-def write_coco_folder(folder: Path, seeds: list[int]) -> tuple[Path, Path]:
-    """Scenes as PNGs plus one corrupt file, and a COCO-format annotation file beside the folder."""
-    images = folder / "images"
-    images.mkdir()
-    categories = [{"id": index + 1, "name": shape} for index, shape in enumerate(SHAPES)]
-    coco = {"images": [], "annotations": [], "categories": categories}
-    for image_id, seed in enumerate(seeds):
-        scene = generate_scene(seed)
-        name = f"scene_{seed}.png"
-        scene.image.save(images / name)
-        coco["images"].append({"id": image_id, "file_name": name, "width": 128, "height": 128})
-        for item in scene.objects:
-            x0, y0, x1, y1 = item.box
-            coco["annotations"].append({
-                "id": len(coco["annotations"]), "image_id": image_id,
-                "category_id": SHAPES.index(item.shape) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-            })  # fmt: skip
-    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    annotations = folder / "annotations.json"
-    annotations.write_text(json.dumps(coco))
-    return images, annotations
 
 
 @pytest.fixture(scope="module")
