@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from models.analysis import word_evidence
 from models.evaluation import ImageScores, MapScores, MeasureSettings, measure_image
-from models.explainer import Caption, CaptionerExplainer
+from models.explainer import Caption, CaptionerExplainer, ExplanationTooLargeError
 from models.families import load_captioner
 from models.loading import ModelUnavailableError, torch_threads
-from utils.image_utils import ImageLoadError, load_image
+from utils.image_utils import COUNTERFACTUALS, ImageLoadError, load_image
 from utils.metrics import RANDOM_ORDERS, finite_mean
 from utils.patch_utils import FILL_MODES, Box
 from utils.plots import mean_curves_figure, pointing_game_figure
@@ -59,7 +60,7 @@ CSV_NAME, CURVES_NAME, SUMMARY_NAME = "words.csv", "curves.jsonl", "summary.json
 CSV_COLUMNS = (
     "image", "word", "category", "layer", "method", "probability", "deletion_auc", "insertion_auc",
     "random_deletion_auc", "random_insertion_auc", "deletion_log_p_auc", "k_to_remove", "removed",
-    "removal_share", "pointing_game", "box_mass",
+    "removal_share", "pointing_game", "box_mass", "visual_reliance",
 )  # fmt: skip
 NUMERIC_COLUMNS = CSV_COLUMNS[5:]
 FIGURE_DPI = 100
@@ -109,6 +110,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", help="an explanation method of the model's family (default: the family's)")
     parser.add_argument("--layer", default="default", help='1-based layer, "default", "last" or "all"')
     parser.add_argument("--fill", default="mean", choices=FILL_MODES, help="what masked patches become")
+    parser.add_argument(
+        "--counterfactual", default="mean", choices=COUNTERFACTUALS,
+        help="the image that shows nothing, for each word's visual reliance (README)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, help="curve steps (default: min(patches, 32))")
     parser.add_argument("--random-orders", type=int, default=RANDOM_ORDERS)
     parser.add_argument("--device", default="auto")
@@ -195,13 +200,20 @@ def evaluate_image(
         fill=arguments.fill, steps=arguments.steps, random_orders=arguments.random_orders, insertion=True, removal=True
     )
     scores = measure_image(explainer, image, caption, indices, word_boxes, [arguments.method], settings, layers)
-    rows = [csv_row(image_name, word_categories[map_scores.slot], map_scores, scores) for map_scores in scores.maps]
+    reliance = word_evidence(explainer, image, caption, arguments.counterfactual).reliance[indices]
+    rows = [
+        csv_row(image_name, word_categories[map_scores.slot], map_scores, scores, float(reliance[map_scores.slot]))
+        for map_scores in scores.maps
+    ]
     curves = [curve_record(image_name, map_scores, scores) for map_scores in scores.maps]
     return rows, curves
 
 
-def csv_row(image_name: str, category: str | None, map_scores: MapScores, scores: ImageScores) -> dict:
-    """One CSV row: a word's map at one layer (pointing game and box mass blank without boxes)."""
+def csv_row(
+    image_name: str, category: str | None, map_scores: MapScores, scores: ImageScores, visual_reliance: float
+) -> dict:
+    """One CSV row: a word's map at one layer (pointing game and box mass blank without boxes),
+    and the word's visual reliance (log p with the image minus with the counterfactual)."""
     region, slot = map_scores.removal, map_scores.slot
     return {
         "image": image_name, "word": map_scores.word, "category": category or "",
@@ -214,6 +226,7 @@ def csv_row(image_name: str, category: str | None, map_scores: MapScores, scores
         "k_to_remove": region.patch_count, "removed": int(region.removed), "removal_share": region.image_share,
         "pointing_game": "" if map_scores.pointing_game is None else map_scores.pointing_game,
         "box_mass": "" if map_scores.box_mass is None else map_scores.box_mass,
+        "visual_reliance": visual_reliance,
     }  # fmt: skip
 
 
@@ -277,6 +290,7 @@ def summarise(rows: list[dict]) -> dict:
             "mean_k_to_remove": finite_mean(row["k_to_remove"] for row in removed),
             "pointing_game": finite_mean(row["pointing_game"] for row in layer_rows),
             "box_mass": finite_mean(row["box_mass"] for row in layer_rows),
+            "visual_reliance": finite_mean(row["visual_reliance"] for row in layer_rows),
             "pointing_game_by_category": {name: finite_mean(values) for name, values in sorted(by_category.items())},
         }
     return summary
@@ -313,7 +327,10 @@ def evaluate_record(
         image = load_image(record.path.read_bytes())
     except (ImageLoadError, OSError) as error:
         return ImageResult(record.name, [], [], skipped=str(error), worker=worker)
-    rows, curves = evaluate_image(explainer, image, record.name, categories, record.boxes, arguments)
+    try:
+        rows, curves = evaluate_image(explainer, image, record.name, categories, record.boxes, arguments)
+    except ExplanationTooLargeError as error:  # this image's sequence is too long for the free memory
+        return ImageResult(record.name, [], [], skipped=str(error), worker=worker)
     return ImageResult(record.name, rows, curves, worker=worker, seconds=time.perf_counter() - started)
 
 
@@ -477,7 +494,8 @@ def evaluate_folder(arguments: argparse.Namespace, argv: Sequence[str] | None) -
     curve_path = arguments.out / CURVES_NAME
     if curve_path.is_file():
         curve_records = [json.loads(line) for line in curve_path.read_text().splitlines()]
-        mean_curves_figure(curve_records).savefig(arguments.out / "curves.png", dpi=FIGURE_DPI)
+        if curve_records:  # none when no image had a word to measure
+            mean_curves_figure(curve_records).savefig(arguments.out / "curves.png", dpi=FIGURE_DPI)
     if any(metrics["pointing_game_by_category"] for metrics in summary["per_layer"].values()):
         pointing_game_figure(summary["per_layer"]).savefig(arguments.out / "pointing_game.png", dpi=FIGURE_DPI)
     for worker, load in summary["workers"].items():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import evaluate
-from models.analysis import word_scorer
+from models.analysis import word_evidence, word_scorer
 from models.blip_explainer import BlipExplainer
 from models.evaluation import MeasureSettings, measure_image, measure_shapes_scenes
 from tests.coco_folder import write_coco_folder
@@ -173,3 +173,31 @@ def test_evaluate_runs_on_a_family_folder(family, tmp_path, scene_seeds):
     assert evaluate.main(arguments) == 0
     rows = [row for path in out.glob("*.csv") for row in read_csv(path)]
     assert rows, "the answers' words were measured"
+
+
+def test_each_row_carries_its_words_visual_reliance(evaluation, demo_blip, scene_seeds):
+    """The CSV's visual_reliance is word_evidence's number for that word of that image's caption."""
+    _, out = evaluation
+    rows = read_csv(out / evaluate.CSV_NAME)
+    seed = scene_seeds[0]
+    scene = generate_scene(seed)
+    caption = demo_blip.caption(scene.image)
+    evidence = word_evidence(demo_blip, scene.image, caption)
+    reliance = dict(zip((word.text for word in caption.words), evidence.reliance, strict=True))
+    image_rows = [row for row in rows if row["image"] == f"scene_{seed}.png"]
+    assert image_rows
+    for row in image_rows:
+        assert float(row["visual_reliance"]) == pytest.approx(float(reliance[row["word"]]), abs=1e-5)
+
+
+def test_a_folder_without_a_word_to_measure_finishes_with_an_empty_table(tmp_path, demo_blip):
+    images = tmp_path / "images"
+    images.mkdir()
+    generate_scene(0).image.save(images / "scene.png")
+    out = tmp_path / "out"
+    arguments = ["--model", "shapes-demo", "--images", str(images), "--out", str(out), "--words", "zebra",
+                 "--steps", "4", "--device", "cpu"]  # fmt: skip
+    assert evaluate.main(arguments) == 0
+    summary = json.loads((out / evaluate.SUMMARY_NAME).read_text())
+    assert summary["words_evaluated"] == 0 and summary["skipped_images"] == []
+    assert not (out / "curves.png").exists()
