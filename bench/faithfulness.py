@@ -47,6 +47,20 @@ def print_table(results: dict) -> None:
         print(f"sanity {method:16s} Spearman trained vs randomised top layers: {sanity['spearman']}")
 
 
+def print_reliance(results: dict) -> None:
+    """Visual reliance: colour and shape words against function words, per counterfactual, and
+    the shares of right and wrong object words it (or the default map) flags."""
+    reliance = results["visual_reliance"]
+    print(f"\n{'counterfactual':15s} {'AUC object vs function':>23s} {'median object':>14s} {'median function':>16s}")
+    for kind, separation in reliance["separation"].items():
+        auc = separation["auc_object_vs_function"]
+        medians = (separation["median_object_nats"], separation["median_function_nats"])
+        print(f"{kind:15s} {'n/a' if auc is None else f'{auc:.3f}':>23s} {medians[0]:14.2f} {medians[1]:16.2f}")
+    for kind, flagged in reliance["flagged"].items():
+        shares = ", ".join(f"{name} {value:.2f}" for name, value in flagged.items() if name != "words")
+        print(f"{kind} object words ({flagged['words']}): flagged by {shares}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=200)
@@ -77,6 +91,7 @@ def main() -> None:
         torch_threads=arguments.threads,
     )
     print_table(results)
+    print_reliance(results)
     print(f"\n{results['seconds']} s")
     if arguments.json:
         arguments.json.parent.mkdir(parents=True, exist_ok=True)

@@ -11,16 +11,17 @@ prints and writes.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from models.analysis import caption_word_reader, word_scorer
+from models.analysis import caption_word_reader, word_evidence, word_scorer
 from models.clip_explainer import ClipExplainer
 from models.explainer import Caption, CaptionerExplainer, WordMaps
+from utils.image_utils import COUNTERFACTUALS
 from utils.metrics import (
     HIGH_CORRELATION,
     RANDOM_ORDERS,
@@ -30,6 +31,7 @@ from utils.metrics import (
     RemovalRegion,
     ScoreImages,
     box_mass,
+    boxes_mask,
     compare_maps,
     curves_by_order,
     find_removal_region,
@@ -37,6 +39,7 @@ from utils.metrics import (
     patch_order,
     pointing_game,
     random_curve,
+    separation_auc,
 )
 from utils.patch_utils import Box, Colour, FillMode, ImageGeometry
 from utils.shapes_world import COLOURS, SHAPES, Scene, caption_distractors, generate_scene, paint_box, remove_object
@@ -252,6 +255,10 @@ class Tally:
     maps: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     # method -> Spearman correlations, trained vs randomised, deepest layer
     sanity: dict = field(default_factory=lambda: defaultdict(list))
+    # counterfactual -> "object" (colour and shape words) or "function" ("a", "and") -> reliances
+    reliance: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    # "mistake" (a word of an object the scene lacks) or "correct" -> flag name -> 0/1 values
+    flags: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
 
 
 def word_objects(scene: Scene, words: Sequence[str]) -> list[tuple[int, str, int]]:
@@ -297,6 +304,7 @@ def measure_scene(
     caption = captioner.caption(scene.image)
     exact = caption.text == scene.caption
     tally.caption_exact.append(float(exact))
+    measure_reliance(captioner, scene, caption, tally)
     if clip is not None:
         texts = [scene.caption, *caption_distractors(scene, CLIP_CANDIDATES - 1, np.random.default_rng(seed))]
         tally.clip_top1.append(float(np.argmax(clip.similarity(scene.image, texts).probabilities) == 0))
@@ -316,6 +324,76 @@ def measure_scene(
         metrics["deletion_auc"].append(float(map_scores.deletion.auc))
     if randomised is not None:
         measure_sanity(captioner, randomised, scene, caption, indices, methods, tally)
+
+
+FUNCTION_WORDS = ("a", "and")
+
+
+def caption_object_words(scene: Scene, words: Sequence[str]) -> dict[str, list[int]]:
+    """Indices of the caption's colour and shape words, split into those of objects the scene
+    has ("correct") and those of objects it lacks ("mistake": a colour-shape pair said more often
+    than the scene holds it)."""
+    available = Counter((item.colour, item.shape) for item in scene.objects)
+    split: dict[str, list[int]] = {"correct": [], "mistake": []}
+    for index in range(len(words) - 1):
+        pair = (words[index], words[index + 1])
+        if pair[0] in COLOURS and pair[1] in SHAPES:
+            kind = "correct" if available[pair] > 0 else "mistake"
+            available[pair] -= 1
+            split[kind] += [index, index + 1]
+    return split
+
+
+def measure_reliance(captioner: CaptionerExplainer, scene: Scene, caption: Caption, tally: Tally) -> None:
+    """Visual reliance of every colour, shape and function word against each counterfactual;
+    then, for the words of objects the caption gets right or wrong, whether the default
+    counterfactual's reliance (under LANGUAGE_PRIOR_NATS) or the default map flags them: a map
+    points at no object when no more of its mass lies on the scene's objects than a uniform map
+    would put there (their share of the image)."""
+    words = [word.text for word in caption.words]
+    evidence = {kind: word_evidence(captioner, scene.image, caption, kind) for kind in COUNTERFACTUALS}
+    for kind, kind_evidence in evidence.items():
+        for word, reliance in zip(words, kind_evidence.reliance, strict=True):
+            group = "function" if word in FUNCTION_WORDS else "object" if word in COLOURS + SHAPES else None
+            if group:
+                tally.reliance[kind][group].append(float(reliance))
+    split = caption_object_words(scene, words)
+    indices = split["correct"] + split["mistake"]
+    if not indices or not scene.objects:
+        return
+    method = captioner.default_method
+    maps = captioner.explain(scene.image, caption, indices, method=method)
+    geometry = captioner.image_geometry(scene.image.size)
+    boxes = [Box(*item.box) for item in scene.objects]
+    uniform_mass = boxes_mask(boxes, scene.image.size).mean()
+    prior = evidence[COUNTERFACTUALS[0]].from_prior
+    for index, word_maps in zip(indices, maps, strict=True):
+        kind = "correct" if index in split["correct"] else "mistake"
+        off_object = box_mass(word_maps.cam_patches[captioner.default_layer(method)], geometry, boxes) <= uniform_mass
+        tally.flags[kind]["reliance"].append(float(prior[index]))
+        tally.flags[kind]["box_mass"].append(float(off_object))
+        tally.flags[kind]["either"].append(float(prior[index] or off_object))
+
+
+def reliance_summary(tally: Tally) -> dict:
+    """Per counterfactual, how well reliance tells colour and shape words from function words;
+    and the shares of right and wrong object words that reliance or the map flags."""
+    return {
+        "separation": {
+            kind: {
+                "auc_object_vs_function": separation_auc(groups["object"], groups["function"]),
+                "object_words": len(groups["object"]),
+                "function_words": len(groups["function"]),
+                "median_object_nats": float(np.median(groups["object"])) if groups["object"] else None,
+                "median_function_nats": float(np.median(groups["function"])) if groups["function"] else None,
+            }
+            for kind, groups in tally.reliance.items()
+        },
+        "flagged": {
+            kind: {"words": len(flags["either"]), **{name: finite_mean(values) for name, values in flags.items()}}
+            for kind, flags in tally.flags.items()
+        },
+    }
 
 
 def measure_causal(captioner: CaptionerExplainer, scene: Scene, words: list[str], tally: Tally, seed: int) -> None:
@@ -391,6 +469,7 @@ def summarise_scenes(tally: Tally, captioner: CaptionerExplainer, methods: Seque
             "controls": len(tally.control_unchanged),
             "controls_skipped": tally.controls_skipped,
         },
+        "visual_reliance": reliance_summary(tally),
         "per_layer": per_layer,
         "sanity": {
             method: {

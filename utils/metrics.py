@@ -510,3 +510,14 @@ def compare_maps(before: np.ndarray, after: np.ndarray, threshold: float = HIGH_
     """
     correlation = spearman(before, after)
     return SanityCheck(correlation, bool(correlation > threshold))
+
+
+def separation_auc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
+    """Area under the ROC curve of a score telling positives from negatives: the chance that a
+    random positive scores above a random negative (ties count half); None without both."""
+    positive, negative = np.asarray(positives, dtype=np.float64), np.asarray(negatives, dtype=np.float64)
+    if not positive.size or not negative.size:
+        return None
+    above = (positive[:, None] > negative[None, :]).mean()
+    tied = (positive[:, None] == negative[None, :]).mean()
+    return float(above + tied / 2)
