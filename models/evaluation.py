@@ -11,8 +11,9 @@ prints and writes.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +82,8 @@ class MapScores:
         layer_name: the map's label.
         score: the explained target (log p of the word).
         pointing_game, box_mass: against the word's boxes; None when it has none.
+        pointing_game_strict: the peak patch overlaps the word's boxes (``pointing_game_strict``);
+            None when it has none.
         deletion: scores (steps,) of the word as the map's patches are masked, most relevant first.
         insertion: likewise as they are restored; None unless measured.
         removal: the smallest removing region; None unless measured.
@@ -93,6 +96,7 @@ class MapScores:
     score: float
     pointing_game: float | None
     box_mass: float | None
+    pointing_game_strict: float | None
     deletion: Curve
     insertion: Curve | None
     removal: RemovalRegion | None
@@ -223,10 +227,36 @@ def score_map(
         score=word_maps.score,
         pointing_game=pointing_game(cam_patches, geometry, boxes) if boxes else None,
         box_mass=box_mass(cam_patches, geometry, boxes) if boxes else None,
+        pointing_game_strict=pointing_game_strict(cam_patches, geometry, boxes) if boxes else None,
         deletion=deletion,
         insertion=insertion,
         removal=removal,
     )
+
+
+def pointing_game_strict(cam_patches: np.ndarray, geometry: ImageGeometry, boxes_image: Sequence[Box]) -> float:
+    """Whether the heatmap's peak *patch* overlaps any of the boxes: no tolerance, no upsampling.
+
+    ``utils.metrics.pointing_game`` looks at the peak pixel of the upsampled map and forgives a
+    patch of distance; here a patch holding the map's highest value must cover part of the
+    object's box, so a map that points next to the object scores a miss. Every patch that ties
+    for the peak counts: a map made at a coarser resolution than the patches (Qwen2-VL's
+    language-model attention gives one value per merged 2x2 block) peaks on a whole block.
+
+    Args:
+        cam_patches: (patches,) heatmap.
+        geometry: maps the patches onto the image.
+        boxes_image: the object's boxes in image pixels.
+    Returns:
+        1.0 for a hit, 0.0 for a miss or a constant map, NaN when the map has no finite value.
+    """
+    if not np.isfinite(cam_patches).any():
+        return math.nan
+    peak_value = np.nanmax(cam_patches)
+    if peak_value == np.nanmin(cam_patches):
+        return 0.0
+    peaks = set(np.flatnonzero(cam_patches == peak_value).tolist())
+    return float(any(peaks.intersection(geometry.patches_in_box(box)) for box in boxes_image))
 
 
 # ---------------------------------------------------------------- the shapes world
@@ -298,9 +328,10 @@ def measure_scene(
     tally: Tally,
     steps: int,
     randomised: CaptionerExplainer | None,
+    scene_for_seed: Callable[[int], Scene] = generate_scene,
 ) -> None:
-    """Add one scene's measurements to ``tally``."""
-    scene = generate_scene(seed)
+    """Add one scene's measurements to ``tally``; ``scene_for_seed`` draws the scene of ``seed``."""
+    scene = scene_for_seed(seed)
     caption = captioner.caption(scene.image)
     exact = caption.text == scene.caption
     tally.caption_exact.append(float(exact))
@@ -320,6 +351,7 @@ def measure_scene(
     for map_scores in scores.maps:
         metrics = tally.maps[map_scores.method, map_scores.layer_name, cases[map_scores.slot][1]]
         metrics["pointing_game"].append(map_scores.pointing_game)
+        metrics["pointing_game_strict"].append(map_scores.pointing_game_strict)
         metrics["box_mass"].append(map_scores.box_mass)
         metrics["deletion_auc"].append(float(map_scores.deletion.auc))
     if randomised is not None:
@@ -443,7 +475,7 @@ def summarise_scenes(tally: Tally, captioner: CaptionerExplainer, methods: Seque
                 "words": len(colour["pointing_game"]) + len(shape["pointing_game"]),
                 **{
                     metric: finite_mean(colour[metric] + shape[metric])
-                    for metric in ("pointing_game", "box_mass", "deletion_auc")
+                    for metric in ("pointing_game", "pointing_game_strict", "box_mass", "deletion_auc")
                 },
                 "pointing_game_colour": finite_mean(colour["pointing_game"]),
                 "pointing_game_shape": finite_mean(shape["pointing_game"]),
@@ -456,6 +488,7 @@ def summarise_scenes(tally: Tally, captioner: CaptionerExplainer, methods: Seque
         "clip_top1": finite_mean(tally.clip_top1),
         "default": {"method": default_method, "layer": default_layer},
         "pointing_game": headline["pointing_game"],
+        "pointing_game_strict": headline["pointing_game_strict"],
         "box_mass": headline["box_mass"],
         "deletion_auc": headline["deletion_auc"],
         "random_deletion_auc": finite_mean(tally.random_deletion_auc),
@@ -488,6 +521,7 @@ def measure_shapes_scenes(
     methods: Sequence[str] | None = None,
     steps: int = DELETION_STEPS,
     sanity_scenes: int = SANITY_SCENES,
+    scene_for_seed: Callable[[int], Scene] = generate_scene,
 ) -> dict:
     """Measure every scene of ``seeds`` and return ``summarise_scenes``'s results.
 
@@ -498,10 +532,13 @@ def measure_shapes_scenes(
         methods: keys of ``captioner.methods``; None for all of them.
         steps: deletion curve steps.
         sanity_scenes: how many of the first scenes get the model-randomisation check.
+        scene_for_seed: seed -> its scene; the world the captioner was trained on (128 px
+            squares by default; ``utils.shapes_world.generate_varied_scene`` for the decoder demo).
     """
     methods = list(methods or captioner.methods)
     tally = Tally()
     randomised = captioner.randomised_copy(RANDOMISED_LAYERS, seed=0) if sanity_scenes else None
     for count, seed in enumerate(seeds):
-        measure_scene(captioner, clip, seed, methods, tally, steps, randomised if count < sanity_scenes else None)
+        sanity = randomised if count < sanity_scenes else None
+        measure_scene(captioner, clip, seed, methods, tally, steps, sanity, scene_for_seed)
     return summarise_scenes(tally, captioner, methods)

@@ -38,6 +38,10 @@ ProgressCallback = Callable[[int, int], None]
 
 SHAPES_DEMO = "shapes-demo"
 SHAPES_DEMO_DIR = Path(__file__).resolve().parent / "shapes_demo"
+# The second bundled captioner: a decoder-only Qwen2-VL on scenes of varied size and aspect
+# ratio; its folder in SHAPES_DEMO_DIR, whichever explainer class asks for it.
+SHAPES_DEMO_DECODER = "shapes-demo-decoder"
+SHAPES_DEMO_DECODER_FOLDER = "qwen2vl"
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
 BLIP_LARGE = "Salesforce/blip-image-captioning-large"
 CLIP_BASE = "openai/clip-vit-base-patch32"
@@ -72,6 +76,9 @@ class ModelChoice:
 
 
 SHAPES_DEMO_CHOICE = ModelChoice("Shapes demo (bundled, offline)", SHAPES_DEMO, SHAPES_DEMO)
+SHAPES_DEMO_DECODER_CHOICE = ModelChoice(
+    "Shapes demo, decoder-only Qwen2-VL (bundled, offline)", SHAPES_DEMO_DECODER, SHAPES_DEMO
+)
 
 
 def model_choices(local_captioner_dir: str | None = None, local_clip_dir: str | None = None) -> list[ModelChoice]:
@@ -87,6 +94,7 @@ def model_choices(local_captioner_dir: str | None = None, local_clip_dir: str | 
         ModelChoice("BLIP-2 OPT 2.7B + CLIP B/32", BLIP2_OPT_27B, CLIP_BASE),
         ModelChoice("LLaVA-1.5 7B + CLIP B/32", LLAVA_15_7B, CLIP_BASE),
         SHAPES_DEMO_CHOICE,
+        SHAPES_DEMO_DECODER_CHOICE,
     ]
     if local_captioner_dir:
         label = f"Local folder: {Path(local_captioner_dir).name}"
@@ -135,6 +143,8 @@ def source_name(source: str, component: Component) -> str:
     bundled demo as "shapes-demo/<component>"."""
     if source == SHAPES_DEMO:
         return f"{SHAPES_DEMO}/{component}"
+    if source == SHAPES_DEMO_DECODER:
+        return SHAPES_DEMO_DECODER
     if Path(source).expanduser().is_dir():
         return folder_name(source)
     return source
@@ -197,7 +207,8 @@ def resolve_model_dir(
     """Turn a source name into a local folder holding a safetensors checkpoint.
 
     Args:
-        source: "shapes-demo", a local folder, or a hub id such as "Salesforce/blip-image-captioning-base".
+        source: "shapes-demo", "shapes-demo-decoder" (the bundled Qwen2-VL), a local folder, or a
+            hub id such as "Salesforce/blip-image-captioning-base".
         component: which bundled demo model "shapes-demo" means ("blip" or "clip").
         on_progress: called with (files done, files total) while a hub download runs.
     Raises:
@@ -207,6 +218,8 @@ def resolve_model_dir(
     name = source_name(source, component)
     if source == SHAPES_DEMO:
         return _checked_folder(SHAPES_DEMO_DIR / component, name)
+    if source == SHAPES_DEMO_DECODER:
+        return _checked_folder(SHAPES_DEMO_DIR / SHAPES_DEMO_DECODER_FOLDER, name)
     if Path(source).expanduser().is_dir():
         return _checked_folder(Path(source).expanduser(), name)
     return _hub_snapshot(source, on_progress)

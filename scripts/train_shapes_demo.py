@@ -1,10 +1,14 @@
-"""Train the bundled shapes-world demo models: a small BLIP captioner and a small CLIP.
+"""Train the bundled shapes-world demo models: a small BLIP captioner, a small CLIP, and a small
+decoder-only Qwen2-VL captioner.
 
-Both use the real transformers architectures built from small configs, a WordPiece vocabulary
-of the shapes world, and scenes drawn on the fly from training seeds (>= TRAIN_SEED_START).
-Everything is seeded, so the same command gives the same models on the same machine.
+All use the real transformers architectures built from small configs, a vocabulary of the
+shapes world, and scenes drawn on the fly from training seeds (>= TRAIN_SEED_START). BLIP and
+CLIP see 128 px squares; Qwen2-VL sees scenes of varied size and aspect ratio
+(``varied_scene_size``), so its dynamic-resolution geometry is exercised. Everything is seeded,
+so the same command gives the same models on the same machine.
 
     nice -n 10 .venv/bin/python scripts/train_shapes_demo.py --out models/shapes_demo
+    nice -n 10 .venv/bin/python scripts/train_shapes_demo.py --only qwen2vl --threads 1 --learning-rate 2e-3
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from torch import nn
 from torch.nn import functional
 from transformers import (
@@ -34,8 +39,14 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
 )
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from models.explainer import DEFAULT_INSTRUCTION
+from models.qwen2vl_explainer import ImageOnlyQwen2VLProcessor
 from utils.shapes_world import (
     EVAL_SEEDS,
     TRAIN_SEED_START,
@@ -43,9 +54,11 @@ from utils.shapes_world import (
     Scene,
     caption_distractors,
     generate_scene,
+    generate_varied_scene,
     object_size_range,
     paint_box,
     remove_object,
+    varied_scene_size,
 )
 
 IMAGE_SIZE = 128
@@ -59,6 +72,7 @@ CLIP_MAX_TOKENS = 16
 # Separate seed blocks so the two models never see the same training scene sequence.
 BLIP_SEED_START = TRAIN_SEED_START
 CLIP_SEED_START = TRAIN_SEED_START + 50_000_000
+QWEN2VL_SEED_START = TRAIN_SEED_START + 100_000_000
 TORCH_SEED = 1234
 CLIP_HARD_NEGATIVES = 2
 # Augmentations that stay inside the world: a removed object is simply not in the scene, and a
@@ -76,11 +90,19 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blip-steps", type=int, default=6000)
     parser.add_argument("--clip-steps", type=int, default=3000)
+    parser.add_argument("--qwen2vl-steps", type=int, default=QWEN2VL_STEPS)
     parser.add_argument("--out", type=Path, default=Path("models/shapes_demo"))
     parser.add_argument("--eval-scenes", type=int, default=FINAL_EVAL_SCENES)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu", help="torch device for training; models are saved on CPU")
-    parser.add_argument("--only", choices=("both", "blip", "clip"), default="both", help="model(s) to train")
+    parser.add_argument(
+        "--threads", type=int, default=2,
+        help="torch threads; on CPU cores shared with other jobs, 1 ran a Qwen2-VL step 2-3x faster than 2",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", choices=("both", "blip", "clip", "qwen2vl"), default="both",
+        help='model(s) to train: "both" is BLIP and CLIP; "qwen2vl" the decoder-only demo',
+    )
     return parser.parse_args()
 
 
@@ -194,11 +216,11 @@ def check_fast_path(processor) -> None:
 
 def paint_empty_box(scene: Scene, rng: np.random.Generator) -> Scene:
     """Scene with a random object-sized box of empty background painted flat; unchanged if none fits."""
-    image_size = scene.image.width
-    smallest, largest = object_size_range(image_size)
+    width, height = scene.image.size
+    smallest, largest = object_size_range(min(width, height))
     for _ in range(20):
         side = int(rng.integers(smallest, largest + 1))
-        x0, y0 = (int(value) for value in rng.integers(0, image_size - side + 1, size=2))
+        x0, y0 = (int(value) for value in rng.integers(0, [width - side + 1, height - side + 1], size=2))
         box = (x0, y0, x0 + side, y0 + side)
         if not any(boxes_intersect(box, item.box) for item in scene.objects):
             return Scene(paint_box(scene.image, box, scene.background), scene.caption, scene.objects, scene.background)
@@ -210,9 +232,9 @@ def boxes_intersect(box: tuple[int, int, int, int], other: tuple[int, int, int, 
     return box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]
 
 
-def training_scene(seed: int) -> Scene:
+def training_scene(seed: int, image_size: int | tuple[int, int]) -> Scene:
     """Scene for one training seed, sometimes with an object removed or empty background painted."""
-    scene = generate_scene(seed, IMAGE_SIZE)
+    scene = generate_scene(seed, image_size)
     rng = np.random.default_rng([seed, 1])
     if scene.objects and rng.random() < REMOVE_OBJECT_PROBABILITY:
         scene = remove_object(scene, int(rng.integers(len(scene.objects))))
@@ -264,9 +286,185 @@ def caption_scenes(model, processor, scenes: list[Scene]) -> list[str]:
 
 def caption_accuracy(model, processor, seeds) -> float:
     """Fraction of held-out scenes whose greedy caption equals the true caption exactly."""
-    scenes = [generate_scene(seed, IMAGE_SIZE) for seed in seeds]
-    captions = caption_scenes(model, processor, scenes)
+    return exact_match([generate_scene(seed, IMAGE_SIZE) for seed in seeds], caption_scenes, model, processor)
+
+
+def exact_match(scenes: list[Scene], caption_function, model, processor) -> float:
+    """Fraction of `scenes` whose caption by caption_function(model, processor, scenes) is exactly the true one."""
+    captions = caption_function(model, processor, scenes)
     return float(np.mean([caption == scene.caption for caption, scene in zip(captions, scenes, strict=True)]))
+
+
+# ------------------------------------------------------------ the decoder-only demo (Qwen2-VL)
+
+# Qwen2-VL's special tokens (the processor and the family file find them by these names), then
+# the unknown-word token of the word-level vocabulary.
+QWEN2VL_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>", "<unk>",
+)  # fmt: skip
+# Qwen2-VL-Instruct's chat template without its system prompt (a constant 8 ids per sequence that
+# would only cost training time here), images and text only.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# 16 px patches merged 2 x 2: 32 px per image token; sides of 96 to 192 px become 3 to 6 tokens.
+QWEN2VL_PATCH_SIZE = 16
+QWEN2VL_MERGE_SIZE = 2
+QWEN2VL_MIN_PIXELS = 64 * 64
+QWEN2VL_MAX_PIXELS = 224 * 224
+QWEN2VL_MAX_TOKENS = 96
+QWEN2VL_STEPS = 1600
+QWEN2VL_VISION = {"depth": 4, "embed_dim": 128, "mlp_ratio": 2, "num_heads": 4}
+# Head size 32: the three M-RoPE sections (time, height, width) sum to 16.
+QWEN2VL_TEXT = {
+    "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+}  # fmt: skip
+
+
+def build_qwen2vl_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: one id per word of the captions and of the default instruction,
+    lower-cased, split at white space and punctuation; decoding joins words with spaces."""
+    instruction_words = [word for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(DEFAULT_INSTRUCTION.lower())]
+    words = dict.fromkeys((*QWEN2VL_SPECIAL_TOKENS, "user", "assistant", *instruction_words, *VOCABULARY_WORDS))
+    backend = Tokenizer(models.WordLevel(vocab={word: index for index, word in enumerate(words)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(list(QWEN2VL_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        extra_special_tokens=list(QWEN2VL_SPECIAL_TOKENS[1:-1]),
+        padding_side="left",  # batched generation continues every prompt from its last id
+        model_max_length=QWEN2VL_MAX_TOKENS,
+    )
+
+
+def build_qwen2vl_processor(tokenizer: PreTrainedTokenizerFast) -> ImageOnlyQwen2VLProcessor:
+    """Image-only Qwen2-VL processor (torchvision is absent): aspect kept, sides rounded to 32 px."""
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=QWEN2VL_PATCH_SIZE,
+        merge_size=QWEN2VL_MERGE_SIZE,
+        temporal_patch_size=2,
+        min_pixels=QWEN2VL_MIN_PIXELS,
+        max_pixels=QWEN2VL_MAX_PIXELS,
+    )
+    return ImageOnlyQwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE
+    )
+
+
+def build_qwen2vl(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLForConditionalGeneration:
+    """Small Qwen2-VL: 4-block vision tower (16 px patches, 2x2 merge), 3-layer language model."""
+    token_id = tokenizer.convert_tokens_to_ids
+    text_config = {
+        **QWEN2VL_TEXT,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": QWEN2VL_MAX_TOKENS,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision_config = {
+        **QWEN2VL_VISION,
+        "hidden_size": QWEN2VL_TEXT["hidden_size"],
+        "patch_size": QWEN2VL_PATCH_SIZE,
+        "spatial_merge_size": QWEN2VL_MERGE_SIZE,
+        "temporal_patch_size": 2,
+    }
+    config = Qwen2VLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_qwen2vl_for_training(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLForConditionalGeneration:
+    """``build_qwen2vl`` with its patch embedding computed as one matrix product while it trains.
+
+    The Conv3d's kernel is as large as each of its inputs, so it is exactly a linear map of the
+    flattened patch; on the CPU, mkldnn's conv3d backward alone took a quarter of each step.
+    Only this object's ``forward`` changes: the weights, and so the saved model, are the conv's.
+    """
+    model = build_qwen2vl(tokenizer)
+    embedding = model.model.visual.patch_embed
+    weight = embedding.proj.weight  # (D, 3, T, P, P)
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:  # (patches, 3 x T x P x P) -> (patches, D)
+        return functional.linear(hidden_states.to(weight.dtype), weight.flatten(1))
+
+    patches = torch.randn(8, weight[0].numel())
+    with torch.no_grad():
+        if not torch.allclose(forward(patches), embedding(patches), atol=1e-5):
+            raise RuntimeError("the matrix-product patch embedding differs from the Conv3d")
+    embedding.forward = forward
+    return model
+
+
+def qwen2vl_prompt(processor: ImageOnlyQwen2VLProcessor) -> str:
+    """The chat-template text that the app's Qwen2-VL family captions with (the default instruction)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_INSTRUCTION}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def qwen2vl_inputs(processor: ImageOnlyQwen2VLProcessor, scenes: list[Scene], answers: list[str] | None, device: str):
+    """Processor tensors for the scenes' prompts, each followed by its answer and <|im_end|> if given."""
+    prompt = qwen2vl_prompt(processor)
+    eos = processor.tokenizer.eos_token
+    texts = [prompt + answer + eos for answer in answers] if answers else [prompt] * len(scenes)
+    batch = processor(
+        images=[scene.image for scene in scenes], text=texts, padding=True, return_tensors="pt",
+        return_mm_token_type_ids=True,
+    )  # fmt: skip
+    return batch.to(device)
+
+
+def qwen2vl_batch_loss(
+    model: Qwen2VLForConditionalGeneration,
+    processor: ImageOnlyQwen2VLProcessor,
+    seeds: range,
+    scenes: list[Scene],
+    device: str,
+) -> torch.Tensor:
+    """Teacher-forced cross-entropy on the answer ids (the caption and <|im_end|>) after each prompt."""
+    batch = qwen2vl_inputs(processor, scenes, [scene.caption for scene in scenes], device)
+    input_ids = batch["input_ids"]  # (B, T), padded on the left
+    assistant = input_ids == processor.tokenizer.convert_tokens_to_ids("assistant")
+    answer = (assistant.cumsum(dim=1) - assistant.long()) > 0  # (B, T): after the "assistant" id
+    targets = input_ids.masked_fill(~answer | (batch["attention_mask"] == 0), -100)
+    logits = model(**batch).logits  # (B, T, V)
+    return functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def qwen2vl_caption_scenes(model, processor, scenes: list[Scene]) -> list[str]:
+    """Greedy answers (max_new_tokens=20) to the default instruction, as the app's family asks."""
+    model.eval()
+    batch = qwen2vl_inputs(processor, scenes, None, model.device)
+    generated = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    answers = generated[:, batch["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+
+
+def qwen2vl_caption_accuracy(model, processor, seeds) -> float:
+    """Fraction of held-out scenes of varied size whose greedy answer is exactly the true caption."""
+    scenes = [generate_varied_scene(seed) for seed in seeds]
+    return exact_match(scenes, qwen2vl_caption_scenes, model, processor)
 
 
 @dataclass(frozen=True)
@@ -274,35 +472,48 @@ class TrainingPlan:
     """What differs between training the captioner and the dual encoder; ``train_model`` does the rest.
 
     Args:
-        name: the model's name in logs, the report and the output folder ("blip" or "clip").
+        name: the model's name in logs, the report and the output folder ("blip", "clip", "qwen2vl").
         build: tokenizer -> a freshly initialised model.
         processor: its processor (tokenizer and image processor).
         steps: optimiser steps, one batch of BATCH_SIZE scenes each.
         seed_start: first scene seed of the model's own block of training seeds.
-        batch_loss: (model, tokenizer, pixel_values (B, 3, H, W), scene seeds, scenes) -> loss.
+        scene_size: scene seed -> the side, or (width, height), of that scene in pixels.
+        batch_loss: (model, processor, scene seeds, scenes, device) -> loss.
         held_out_label: what ``held_out_score`` measures, for the progress line.
         held_out_score: (model, processor, scene seeds) -> a score from 0 to 1.
     """
 
     name: str
-    build: Callable[[BertTokenizer], nn.Module]
-    processor: BlipProcessor | CLIPProcessor
+    build: Callable[[PreTrainedTokenizerFast], nn.Module]
+    processor: BlipProcessor | CLIPProcessor | ImageOnlyQwen2VLProcessor
     steps: int
     seed_start: int
-    batch_loss: Callable[[nn.Module, BertTokenizer, torch.Tensor, range, list[Scene]], torch.Tensor]
+    scene_size: Callable[[int], int | tuple[int, int]]
+    batch_loss: Callable[[nn.Module, object, range, list[Scene], str], torch.Tensor]
     held_out_label: str
     held_out_score: Callable[[nn.Module, object, Sequence[int]], float]
 
 
+def square_scene(seed: int) -> int:
+    """BLIP's and CLIP's scenes: IMAGE_SIZE squares whatever the seed."""
+    return IMAGE_SIZE
+
+
 def training_plans(
-    arguments: argparse.Namespace, blip_processor: BlipProcessor, clip_processor: CLIPProcessor
+    arguments: argparse.Namespace,
+    blip_processor: BlipProcessor,
+    clip_processor: CLIPProcessor,
+    qwen2vl_processor: ImageOnlyQwen2VLProcessor,
 ) -> list[TrainingPlan]:
-    """The captioner's and the dual encoder's plans, in training order."""
+    """The captioners' and the dual encoder's plans, in training order."""
     return [
-        TrainingPlan("blip", build_blip, blip_processor, arguments.blip_steps, BLIP_SEED_START, caption_batch_loss,
-                     "held-out exact", caption_accuracy),
-        TrainingPlan("clip", build_clip, clip_processor, arguments.clip_steps, CLIP_SEED_START, contrastive_batch_loss,
-                     f"held-out top-1 of {CLIP_CANDIDATES}", clip_top1),
+        TrainingPlan("blip", build_blip, blip_processor, arguments.blip_steps, BLIP_SEED_START, square_scene,
+                     caption_batch_loss, "held-out exact", caption_accuracy),
+        TrainingPlan("clip", build_clip, clip_processor, arguments.clip_steps, CLIP_SEED_START, square_scene,
+                     contrastive_batch_loss, f"held-out top-1 of {CLIP_CANDIDATES}", clip_top1),
+        TrainingPlan("qwen2vl", build_qwen2vl_for_training, qwen2vl_processor, arguments.qwen2vl_steps,
+                     QWEN2VL_SEED_START, varied_scene_size, qwen2vl_batch_loss, "held-out exact",
+                     qwen2vl_caption_accuracy),
     ]  # fmt: skip
 
 
@@ -316,9 +527,8 @@ def train_model(plan: TrainingPlan, arguments: argparse.Namespace) -> tuple[nn.M
     for step in range(plan.steps):
         model.train()
         seeds = range(plan.seed_start + step * BATCH_SIZE, plan.seed_start + (step + 1) * BATCH_SIZE)
-        scenes = [training_scene(seed) for seed in seeds]
-        pixel_values = normalise_images([scene.image for scene in scenes], plan.processor.image_processor)
-        loss = plan.batch_loss(model, tokenizer, pixel_values.to(arguments.device), seeds, scenes)
+        scenes = [training_scene(seed, plan.scene_size(seed)) for seed in seeds]
+        loss = plan.batch_loss(model, plan.processor, seeds, scenes, arguments.device)
         learning_rate = learning_rate_at(step, plan.steps, arguments.learning_rate)
         loss = optimise_step(model, optimiser, loss, learning_rate)
         if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == plan.steps:
@@ -343,28 +553,27 @@ def optimise_step(model: nn.Module, optimiser, loss: torch.Tensor, learning_rate
 
 
 def caption_batch_loss(
-    model: BlipForConditionalGeneration,
-    tokenizer: BertTokenizer,
-    pixel_values: torch.Tensor,
-    seeds: range,
-    scenes: list[Scene],
+    model: BlipForConditionalGeneration, processor: BlipProcessor, seeds: range, scenes: list[Scene], device: str
 ) -> torch.Tensor:
     """The captioner's loss on a batch: each scene's true caption, starting with the BOS id as generate() does."""
+    tokenizer = processor.tokenizer
+    pixel_values = normalise_images([scene.image for scene in scenes], processor.image_processor).to(device)
     batch = encode_captions(tokenizer, [scene.caption for scene in scenes], tokenizer.bos_token_id)
-    return caption_loss(model, pixel_values, batch.to(pixel_values.device))
+    return caption_loss(model, pixel_values, batch.to(device))
 
 
 def contrastive_batch_loss(
-    model: CLIPModel, tokenizer: BertTokenizer, pixel_values: torch.Tensor, seeds: range, scenes: list[Scene]
+    model: CLIPModel, processor: CLIPProcessor, seeds: range, scenes: list[Scene], device: str
 ) -> torch.Tensor:
     """The dual encoder's loss on a batch: true captions, then CLIP_HARD_NEGATIVES distractors per scene."""
+    pixel_values = normalise_images([scene.image for scene in scenes], processor.image_processor).to(device)
     negatives = [
         text
         for seed, scene in zip(seeds, scenes, strict=True)
         for text in caption_distractors(scene, CLIP_HARD_NEGATIVES, np.random.default_rng([seed, 2]))
     ]
-    batch = encode_captions(tokenizer, [scene.caption for scene in scenes] + negatives)
-    return contrastive_loss(model, pixel_values, batch.to(pixel_values.device), len(scenes))
+    batch = encode_captions(processor.tokenizer, [scene.caption for scene in scenes] + negatives)
+    return contrastive_loss(model, pixel_values, batch.to(device), len(scenes))
 
 
 def contrastive_loss(model: CLIPModel, pixel_values: torch.Tensor, batch, batch_size: int) -> torch.Tensor:
@@ -397,7 +606,7 @@ def clip_top1(model: CLIPModel, processor, seeds) -> float:
     return float(np.mean(hits))
 
 
-def save_and_reload(model, processor, folder: Path, model_class):
+def save_and_reload(model, processor, folder: Path, model_class, processor_class=AutoProcessor):
     """Save model (safetensors) and processor unless None; reload both and check nothing was dropped."""
     if model is not None:
         model.to("cpu").save_pretrained(folder)
@@ -406,7 +615,7 @@ def save_and_reload(model, processor, folder: Path, model_class):
     problems = {key: value for key, value in loading_info.items() if value}
     if problems:
         raise RuntimeError(f"{folder}: loading reported {problems}")
-    reloaded_processor = AutoProcessor.from_pretrained(folder)
+    reloaded_processor = processor_class.from_pretrained(folder)
     check_round_trip(reloaded_processor.tokenizer, sample_captions())
     return reloaded.eval(), reloaded_processor
 
@@ -433,23 +642,48 @@ def special_token_ids(tokenizer: BertTokenizer) -> dict[str, int]:
 def main() -> None:
     """Build tokenizers and processors, train the chosen models, save, reload, evaluate, report."""
     arguments = parse_arguments()
-    torch.set_num_threads(2)
+    torch.set_num_threads(arguments.threads)
     blip_processor = build_blip_processor(build_tokenizer(BLIP_MAX_TOKENS))
     clip_processor = build_clip_processor(build_tokenizer(CLIP_MAX_TOKENS))
+    qwen2vl_processor = build_qwen2vl_processor(build_qwen2vl_tokenizer())
     for processor in (blip_processor, clip_processor):
         check_round_trip(processor.tokenizer, sample_captions())
         check_fast_path(processor)
+    check_round_trip(qwen2vl_processor.tokenizer, sample_captions())
     report_path = arguments.out / "training_report.json"
     # Each model trains from its own torch seed and seed block, so one can be retrained alone.
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    for plan in training_plans(arguments, blip_processor, clip_processor):
-        if arguments.only in ("both", plan.name):
+    eval_seeds = EVAL_SEEDS[: arguments.eval_scenes]
+    for plan in training_plans(arguments, blip_processor, clip_processor, qwen2vl_processor):
+        if arguments.only == plan.name or (arguments.only == "both" and plan.name in ("blip", "clip")):
             model, log = train_model(plan, arguments)
-            save_and_reload(model, plan.processor, arguments.out / plan.name, type(model))
+            processor_class = type(plan.processor) if plan.name == "qwen2vl" else AutoProcessor
+            save_and_reload(model, plan.processor, arguments.out / plan.name, type(model), processor_class)
             report[plan.name] = {**log, "seed_start": plan.seed_start, "training_device": arguments.device}
-    report.update(evaluate_saved(arguments.out, EVAL_SEEDS[: arguments.eval_scenes], report))
+    if arguments.only == "qwen2vl":
+        report["qwen2vl"].update(evaluate_saved_qwen2vl(arguments.out / "qwen2vl", eval_seeds))
+    else:
+        report.update(evaluate_saved(arguments.out, eval_seeds, report))
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2), flush=True)
+
+
+def evaluate_saved_qwen2vl(folder: Path, eval_seeds: range) -> dict:
+    """Reload the saved decoder-only demo and measure it on held-out scenes of varied size."""
+    model, processor = save_and_reload(None, None, folder, Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor)
+    sizes = np.array([varied_scene_size(seed) for seed in eval_seeds])  # (scenes, 2)
+    return {
+        "caption_exact_match": qwen2vl_caption_accuracy(model, processor, eval_seeds),
+        "eval_seeds": [eval_seeds.start, eval_seeds.stop],
+        "scene_sides": [int(sizes.min()), int(sizes.max())],
+        "batch_size": BATCH_SIZE,
+        "torch_seed": TORCH_SEED,
+        "special_token_ids": dict(zip(QWEN2VL_SPECIAL_TOKENS, processor.tokenizer.convert_tokens_to_ids(
+            list(QWEN2VL_SPECIAL_TOKENS)), strict=True)),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **model_facts(model, folder),
+    }
 
 
 def evaluate_saved(out: Path, eval_seeds: range, report: dict) -> dict:

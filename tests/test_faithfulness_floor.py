@@ -1,58 +1,101 @@
-"""Faithfulness floors on held-out shapes scenes with the bundled demo: a regression fails CI.
+"""Faithfulness floors on held-out shapes scenes with the bundled demos (BLIP on 128 px squares,
+the decoder-only Qwen2-VL on scenes of varied size): a regression fails CI.
 
-Floors sit a little under what ``bench/faithfulness.py`` measured (see bench/results/
-faithfulness.json), with room for the spread of a 20-scene sample.
+Floors sit a little under what ``bench/faithfulness.py`` measured (see README, "Faithfulness on
+the shapes world"), with room for the spread of a 20-scene sample.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from models.blip_explainer import BlipExplainer
 from models.clip_explainer import ClipExplainer
 from models.evaluation import measure_shapes_scenes
+from models.families import load_captioner
+from models.loading import SHAPES_DEMO, SHAPES_DEMO_DECODER, SHAPES_DEMO_DECODER_FOLDER
 from utils.metrics import HIGH_CORRELATION
-from utils.shapes_world import EVAL_SEEDS
+from utils.shapes_world import EVAL_SEEDS, Scene, generate_scene, generate_varied_scene
 
 DEMO_FOLDER = Path(__file__).resolve().parents[1] / "models" / "shapes_demo"
 # Held out from training and apart from the seeds of the other demo tests.
 SEEDS = list(EVAL_SEEDS[5000:5020])
-# Measured on these 20 scenes: caption_exact 0.95, clip_top1 1.00, pointing_game 0.95 (mean
-# decoder cross-attention), causal_removal 1.00, control_unchanged 1.00; over 200 scenes the
-# bench measured 0.955, 0.960, 0.950, 0.994 and 1.000.
-FLOORS = {
-    "caption_exact": 0.90,
-    "clip_top1": 0.85,
-    "pointing_game": 0.85,
-    "causal_removal": 0.90,
-    "control_unchanged": 0.90,
-}
 # The heatmap order must delete the word's probability clearly faster than random orders.
 DELETION_MARGIN = 0.05
 SANITY_SCENES = 3
 
 
+@dataclass(frozen=True)
+class Demo:
+    """A bundled captioner, the world it was trained on, and its floors on SEEDS."""
+
+    source: str
+    folder: str
+    scene_for_seed: Callable[[int], Scene]
+    floors: dict[str, float]
+
+
+DEMOS = {
+    # Measured on these 20 scenes: caption_exact 0.95, clip_top1 1.00, pointing_game 0.95,
+    # pointing_game_strict 0.95, causal_removal 1.00, control_unchanged 1.00 (mean decoder
+    # cross-attention); over 200 scenes the bench measured 0.955, 0.960, 0.950, 0.994 and 1.000.
+    "blip": Demo(
+        SHAPES_DEMO, "blip", generate_scene,
+        {"caption_exact": 0.90, "clip_top1": 0.85, "pointing_game": 0.85, "pointing_game_strict": 0.85,
+         "causal_removal": 0.90, "control_unchanged": 0.90},
+    ),
+    # Measured on these 20 scenes (varied sizes): caption_exact 0.35, so only 4 objects (8 words)
+    # are measured: pointing_game 0.50, pointing_game_strict 0.625, causal_removal 1.00,
+    # control_unchanged 1.00 (mean gradient x attention over the language model's layers). The
+    # demo is undertrained (24% exact over 500 scenes): these floors guard what it has, not the goal.
+    "decoder": Demo(
+        SHAPES_DEMO_DECODER, SHAPES_DEMO_DECODER_FOLDER, generate_varied_scene,
+        {"caption_exact": 0.30, "pointing_game": 0.45, "pointing_game_strict": 0.60, "causal_removal": 0.90,
+         "control_unchanged": 0.90},
+    ),
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def results() -> dict:
-    if not (DEMO_FOLDER / "blip" / "model.safetensors").is_file():
-        pytest.fail(f"The bundled shapes demo is missing from {DEMO_FOLDER}; it is committed with the repository.")
-    blip = BlipExplainer.from_pretrained("shapes-demo", device="cpu")
-    clip = ClipExplainer.from_pretrained("shapes-demo", device="cpu")
-    return measure_shapes_scenes(
-        blip, clip, SEEDS, methods=(BlipExplainer.default_method,), sanity_scenes=SANITY_SCENES
-    )
+def measured() -> dict[str, dict]:
+    """Demo name -> its results, each measured once for every test of the module."""
+    return {}
 
 
-@pytest.mark.parametrize("metric", sorted(FLOORS))
-def test_metric_stays_above_its_floor(results, metric):
-    assert results[metric] >= FLOORS[metric], f"{metric} fell to {results[metric]:.3f}"
+def results_of(name: str, measured: dict[str, dict]) -> dict:
+    """``measure_shapes_scenes`` of one demo's default method on SEEDS, in its own world."""
+    if name not in measured:
+        demo = DEMOS[name]
+        if not (DEMO_FOLDER / demo.folder / "model.safetensors").is_file():
+            pytest.fail(f"The bundled {demo.source} is missing from {DEMO_FOLDER}; it is committed with the repository")
+        captioner = load_captioner(demo.source, device="cpu")
+        clip = ClipExplainer.from_pretrained(SHAPES_DEMO, device="cpu")
+        measured[name] = measure_shapes_scenes(
+            captioner, clip, SEEDS, methods=(captioner.default_method,), sanity_scenes=SANITY_SCENES,
+            scene_for_seed=demo.scene_for_seed,
+        )  # fmt: skip
+    return measured[name]
 
 
-def test_deletion_by_the_heatmap_beats_random_order(results):
+FLOORED = [(name, metric) for name in DEMOS for metric in sorted(DEMOS[name].floors)]
+
+
+@pytest.mark.parametrize(("name", "metric"), FLOORED)
+def test_metric_stays_above_its_floor(name, metric, measured):
+    value = results_of(name, measured)[metric]
+    assert value >= DEMOS[name].floors[metric], f"{name}: {metric} fell to {value:.3f}"
+
+
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_deletion_by_the_heatmap_beats_random_order(name, measured):
+    results = results_of(name, measured)
     assert results["deletion_auc"] < results["random_deletion_auc"] - DELETION_MARGIN
 
 
-def test_maps_depend_on_the_trained_weights(results):
-    # Adebayo et al.: randomising the top vision layers must scramble the default map (measured
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_maps_depend_on_the_trained_weights(name, measured):
+    # Adebayo et al.: randomising the top vision layers must scramble the default map (BLIP:
     # Spearman 0.30 on these 3 scenes, 0.45 over 10 bench scenes), not leave it nearly as it was.
-    assert results["sanity"][BlipExplainer.default_method]["spearman"] < HIGH_CORRELATION
+    results = results_of(name, measured)
+    assert results["sanity"][results["default"]["method"]]["spearman"] < HIGH_CORRELATION

@@ -538,7 +538,7 @@ def test_the_menu_offers_a_checkpoint_of_every_hub_family_and_the_demo():
     assert sources == [
         loading.BLIP_BASE, loading.BLIP_LARGE, loading.FLORENCE2_BASE, loading.SMOLVLM_256M,
         loading.LLAVA_ONEVISION_05B, loading.QWEN2_VL_2B, loading.BLIP2_OPT_27B, loading.LLAVA_15_7B,
-        loading.SHAPES_DEMO,
+        loading.SHAPES_DEMO, loading.SHAPES_DEMO_DECODER,
     ]
     with_folder = loading.model_choices("/srv/models/my-smolvlm", None)
     assert with_folder[-1].label == "Local folder: my-smolvlm" and with_folder[-1].clip_source == loading.CLIP_BASE

@@ -1,5 +1,7 @@
 """Shapes world: determinism, geometry, captions, vocabulary and distractors."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -10,13 +12,16 @@ from utils.shapes_world import (
     EVAL_SEEDS,
     SHAPES,
     TRAIN_SEED_START,
+    VARIED_SIDE_RANGE,
     VOCABULARY_WORDS,
     Scene,
     SceneObject,
     caption_distractors,
     describe_objects,
     generate_scene,
+    generate_varied_scene,
     remove_object,
+    varied_scene_size,
 )
 
 SEEDS = range(300)
@@ -41,7 +46,48 @@ def test_image_is_rgb_of_requested_size():
     assert scene.image.size == (96, 96)
 
 
-def test_objects_lie_inside_the_image_and_do_not_overlap(scenes):
+# sha256 over the first 50 held-out 128 px scenes (image bytes, caption, objects, background),
+# computed before scenes gained a (width, height): the bundled BLIP demo was trained and is
+# measured on exactly these pictures.
+SQUARE_SCENES_SHA256 = "f154521297bb33457ffbef5e4c51cfd658f67e5d6eb7314f212d8849646c70c3"
+
+
+def test_square_scenes_are_those_the_blip_demo_was_trained_on():
+    digest = hashlib.sha256()
+    for seed in range(50):
+        scene = generate_scene(seed)
+        digest.update(scene.image.tobytes())
+        digest.update(repr((scene.caption, scene.objects, scene.background)).encode())
+    assert digest.hexdigest() == SQUARE_SCENES_SHA256
+
+
+def test_a_width_height_pair_gives_that_image_and_a_square_pair_the_square_scene():
+    wide = generate_scene(5, (160, 100))
+    assert wide.image.size == (160, 100)
+    square = generate_scene(5, (128, 128))
+    assert square.image.tobytes() == generate_scene(5).image.tobytes()
+    with pytest.raises(ValueError, match="at least 32"):
+        generate_scene(5, (160, 20))
+
+
+@pytest.fixture(scope="module")
+def varied_scenes() -> list[Scene]:
+    """The first 300 held-out scenes of varied size."""
+    return [generate_varied_scene(seed) for seed in SEEDS]
+
+
+def test_varied_sizes_cover_the_side_range_in_both_orientations(varied_scenes):
+    sizes = np.array([scene.image.size for scene in varied_scenes])  # (scenes, 2)
+    smallest, largest = VARIED_SIDE_RANGE
+    assert sizes.min() >= smallest and sizes.max() <= largest
+    assert sizes.min() < smallest + 10 and sizes.max() > largest - 10
+    assert (sizes[:, 0] > 1.3 * sizes[:, 1]).any() and (sizes[:, 1] > 1.3 * sizes[:, 0]).any()
+    assert [tuple(size) for size in sizes[:5]] == [varied_scene_size(seed) for seed in SEEDS[:5]]
+
+
+@pytest.mark.parametrize("world", ["square", "varied"])
+def test_objects_lie_inside_the_image_and_do_not_overlap(world, request):
+    scenes = request.getfixturevalue("scenes" if world == "square" else "varied_scenes")
     for scene in scenes:
         width, height = scene.image.size
         for index, item in enumerate(scene.objects):
@@ -52,8 +98,9 @@ def test_objects_lie_inside_the_image_and_do_not_overlap(scenes):
                 assert x1 <= ox0 or ox1 <= x0 or y1 <= oy0 or oy1 <= y0
 
 
-def test_caption_names_objects_left_to_right(scenes):
-    for scene in scenes:
+@pytest.mark.parametrize("world", ["square", "varied"])
+def test_caption_names_objects_left_to_right(world, request):
+    for scene in request.getfixturevalue("scenes" if world == "square" else "varied_scenes"):
         centres = [item.box[0] + item.box[2] for item in scene.objects]
         assert centres == sorted(centres)
         expected = " and ".join(f"a {item.colour} {item.shape}" for item in scene.objects)

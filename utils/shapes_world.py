@@ -36,6 +36,8 @@ COLOUR_RGB = {
 COLOUR_JITTER = 20
 NOISE_AMPLITUDE = 6
 PLACEMENT_TRIES = 50
+# Sides of the scenes of varied size and aspect ratio (the decoder-only demo's world), in pixels.
+VARIED_SIDE_RANGE = (96, 192)
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,28 @@ class Scene:
 
 
 def object_size_range(image_size: int) -> tuple[int, int]:
-    """Smallest and largest object side in pixels for a square image of `image_size` pixels."""
+    """Smallest and largest object side in pixels for an image whose shorter side is `image_size` pixels."""
     return max(4, image_size // 8), max(5, image_size * 5 // 16)
+
+
+def image_dimensions(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a square side or of a (width, height) pair."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    width, height = image_size
+    return int(width), int(height)
+
+
+def varied_scene_size(seed: int, side_range: tuple[int, int] = VARIED_SIDE_RANGE) -> tuple[int, int]:
+    """(width, height) of the scene of varied size for `seed`: each side uniform in `side_range`
+    (inclusive), drawn from its own stream so the scene's own draws stay those of `seed`."""
+    width, height = np.random.default_rng([seed, 3]).integers(side_range[0], side_range[1] + 1, size=2)
+    return int(width), int(height)
+
+
+def generate_varied_scene(seed: int) -> Scene:
+    """The scene for `seed` at its ``varied_scene_size``."""
+    return generate_scene(seed, varied_scene_size(seed))
 
 
 def describe_objects(objects: tuple[SceneObject, ...] | list[SceneObject]) -> str:
@@ -70,22 +92,25 @@ def describe_objects(objects: tuple[SceneObject, ...] | list[SceneObject]) -> st
     return " and ".join(f"a {item.colour} {item.shape}" for item in ordered)
 
 
-def generate_scene(seed: int, image_size: int = 128) -> Scene:
+def generate_scene(seed: int, image_size: int | tuple[int, int] = 128) -> Scene:
     """Draw the scene for `seed`; the same seed always gives identical image bytes.
 
     Args:
         seed: any non-negative int (EVAL_SEEDS for evaluation, >= TRAIN_SEED_START for training).
-        image_size: side of the square RGB image in pixels (>= 32).
+        image_size: side of a square RGB image, or its (width, height), in pixels (each >= 32).
     """
+    width, height = image_dimensions(image_size)
+    if min(width, height) < 32:
+        raise ValueError(f"scenes need sides of at least 32 pixels, not {width} x {height}")
     rng = np.random.default_rng(seed)
     object_count = int(rng.choice(MAX_OBJECTS + 1, p=OBJECT_COUNT_PROBABILITIES))
     background = random_background(rng)
-    boxes = place_boxes(rng, object_count, image_size)
+    boxes = place_boxes(rng, object_count, (width, height))
     objects = tuple(
         SceneObject(shape=str(rng.choice(SHAPES)), colour=str(rng.choice(COLOURS)), box=box)
         for box in sorted(boxes, key=lambda box: box[0] + box[2])
     )
-    image = Image.new("RGB", (image_size, image_size), background)
+    image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
     for item in objects:
         draw_object(draw, item, jitter_colour(rng, COLOUR_RGB[item.colour]))
@@ -99,20 +124,28 @@ def random_background(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(value) for value in np.clip(base + tint, 185, 250))
 
 
-def place_boxes(rng: np.random.Generator, count: int, image_size: int) -> list[tuple[int, int, int, int]]:
-    """Up to `count` square boxes that neither overlap nor share a horizontal centre.
+def place_boxes(
+    rng: np.random.Generator, count: int, image_size: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
+    """Up to `count` square boxes inside a (width, height) image that neither overlap nor share
+    a horizontal centre.
 
-    Horizontal centres differ by at least image_size // 16 pixels so that "left to right" is
-    never ambiguous; a box that cannot be placed after PLACEMENT_TRIES tries is dropped.
+    Sizes, margin and centre gap scale with the shorter side; horizontal centres differ by at
+    least shorter // 16 pixels so that "left to right" is never ambiguous; a box that cannot
+    be placed after PLACEMENT_TRIES tries is dropped.
     """
-    smallest, largest = object_size_range(image_size)
-    margin = max(1, image_size // 64)
-    centre_gap = max(1, image_size // 16)
+    width, height = image_size
+    shorter = min(width, height)
+    smallest, largest = object_size_range(shorter)
+    margin = max(1, shorter // 64)
+    centre_gap = max(1, shorter // 16)
     boxes: list[tuple[int, int, int, int]] = []
     for _ in range(count):
         for _ in range(PLACEMENT_TRIES):
             side = int(rng.integers(smallest, largest + 1))
-            x0, y0 = (int(value) for value in rng.integers(0, image_size - side + 1, size=2))
+            # One draw of both corners (a square image draws exactly what it always drew).
+            corner = rng.integers(0, [width - side + 1, height - side + 1], size=2)
+            x0, y0 = (int(value) for value in corner)
             box = (x0, y0, x0 + side, y0 + side)
             if all(boxes_are_apart(box, other, margin, centre_gap) for other in boxes):
                 boxes.append(box)
