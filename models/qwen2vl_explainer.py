@@ -136,7 +136,8 @@ class Qwen2VLExplainer(CaptionerExplainer):
     model_class = Qwen2VLForConditionalGeneration
     processor_class = ImageOnlyQwen2VLProcessor
     model_types = ("qwen2_vl",)
-    # No bundled Qwen2-VL: "shapes-demo" means the BLIP demo, which check_model_type refuses here.
+    # "shapes-demo" means the BLIP demo, which check_model_type refuses here; the bundled Qwen2-VL
+    # is "shapes-demo-decoder" (models/loading.py).
     demo_component = "blip"
     default_method = "attention"
     prompt_label = INSTRUCTION_LABEL
