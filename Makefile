@@ -2,6 +2,9 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PORT ?= 8501
+# The pinned CPU build of torch (torchvision cannot sit beside it); no package may replace it.
+CHECK_CPU_TORCH = $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.__version__.endswith('+cpu') else \
+	'torch ' + torch.__version__ + ' replaced the pinned CPU build: see requirements.txt')"
 
 .PHONY: setup run test lint bench chromium
 
@@ -10,6 +13,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
 	$(PYTHON) -m pip install --quiet --no-deps --editable .
+	$(CHECK_CPU_TORCH)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -17,6 +21,7 @@ setup: $(VENV)/.installed
 # Ray only for `evaluate.py --engine ray` and its tests: the app runs without it.
 $(VENV)/.ray-installed: $(VENV)/.installed requirements-ray.txt
 	$(PYTHON) -m pip install --quiet -r requirements-ray.txt
+	$(CHECK_CPU_TORCH)
 	touch $@
 
 run: setup
