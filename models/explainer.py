@@ -447,17 +447,16 @@ class ExplanationTooLargeError(MemoryError):
 ATTENTION_COPIES = 3
 
 
-def check_attention_memory(method: Method, sequence_length: int, dtype: torch.dtype) -> None:
+def check_attention_memory(method: GradientMethod, sequence_length: int, dtype: torch.dtype) -> None:
     """Refuse a method that reads whole-sequence self-attention when its attention maps alone
     would not fit in the free memory (a lower bound of what it needs).
 
     Raises:
         ExplanationTooLargeError: with what it needs, what is free and what to do instead.
     """
-    heads = getattr(method, "attention_heads", 0)
-    needed = ATTENTION_COPIES * heads * sequence_length**2 * dtype.itemsize
+    needed = ATTENTION_COPIES * method.attention_heads * sequence_length**2 * dtype.itemsize
     free = available_memory_bytes()
-    if heads and free is not None and needed > free:
+    if method.attention_heads and free is not None and needed > free:
         raise ExplanationTooLargeError(
             f"{method.label} over this image's {sequence_length} tokens would hold about "
             f"{needed / 2**30:.1f} GB of attention maps, and this machine has {free / 2**30:.1f} GB free. "

@@ -30,12 +30,13 @@ from models.explainer import (
     Caption,
     CaptionerExplainer,
     Method,
-    MissingCaptureError,
     OcclusionMethod,
     image_token_attention_relevance,
     language_attention_method,
     patch_token_relevance,
     projector_method,
+    special_token_ids,
+    switch_to_eager_attention,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, centre_crop_geometry
@@ -60,12 +61,7 @@ class LlavaExplainer(CaptionerExplainer):
 
     def __init__(self, model: LlavaForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
         config = model.config
-        model.set_attn_implementation({"text_config": "eager"})
-        if config.text_config._attn_implementation != "eager":
-            raise MissingCaptureError(
-                f"the language model uses {config.text_config._attn_implementation!r} attention, "
-                "which returns no attention probabilities; eager attention is needed"
-            )
+        switch_to_eager_attention(model, ["text_config"])
         self.read_image_processing(processor.image_processor)
         self.image_token_id = config.image_token_id
         tower = model.model.vision_tower
@@ -83,13 +79,7 @@ class LlavaExplainer(CaptionerExplainer):
         self.strategy = config.vision_feature_select_strategy
         if self.strategy == "default" and not self.prefix_tokens:
             raise ValueError("the 'default' feature strategy would drop a patch: this vision tower has no CLS token")
-        text_config = config.text_config
-        self.special_ids = frozenset(processor.tokenizer.all_special_ids) | {self.image_token_id} | {
-            token_id
-            for value in (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id)
-            for token_id in (value if isinstance(value, (list, tuple)) else [value])
-            if isinstance(token_id, int)
-        }
+        self.special_ids = special_token_ids(processor.tokenizer, config.text_config, self.image_token_id)
         self.patch_size = config.vision_config.patch_size
         super().__init__(model, processor, device, flush_denormals)
 

@@ -57,6 +57,7 @@ from models.explainer import (
     language_attention_method,
     patch_token_relevance,
     projector_method,
+    switch_to_eager_attention,
     vision_layer_methods,
 )
 from utils.patch_utils import ImageGeometry, aspect_resize_geometry
@@ -145,7 +146,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
     text_is_answer_only = True
 
     def __init__(self, model: Qwen2VLForConditionalGeneration, processor, device=None, flush_denormals: bool = True):
-        model.set_attn_implementation({"text_config": "eager"})
+        switch_to_eager_attention(model, ["text_config"])
         config = model.config
         vision = model.model.visual
         # The last block's raw output feeds only the merger's LayerNorm, whose input gradient is

@@ -57,6 +57,7 @@ from models.explainer import (
     language_attention_method,
     occlude_view_patches,
     projector_method,
+    switch_to_eager_attention,
     tiled_token_relevance,
     vision_layer_methods,
 )
@@ -127,10 +128,8 @@ class SmolVLMExplainer(CaptionerExplainer):
     text_is_answer_only = True
 
     def __init__(self, model, processor, device=None, flush_denormals: bool = True):
-        text_config = model.config.text_config
-        if text_config._attn_implementation != "eager":
-            # SDPA returns no attention probabilities; only the language model needs them.
-            model.set_attn_implementation({"text_config": "eager"})
+        # SDPA returns no attention probabilities; only the language model needs them.
+        switch_to_eager_attention(model, ["text_config"])
         inner = model.model
         vision = inner.vision_model
         # The last layer's raw output feeds only the post-LayerNorm, whose input gradient is
