@@ -109,10 +109,21 @@ def word_evidence(
 ) -> WordEvidence:
     """Every word's probability and visual reliance, from one batched teacher-forced pass over
     the image and its counterfactual."""
+    (evidence,) = word_evidence_against(captioner, image, caption, [counterfactual])
+    return evidence
+
+
+def word_evidence_against(
+    captioner: CaptionerExplainer, image: Image.Image, caption: Caption, counterfactuals: Sequence[str]
+) -> list[WordEvidence]:
+    """``word_evidence`` for each counterfactual, from one batched pass over the image and all of them."""
     mean_rgb = getattr(captioner.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-    blank = counterfactual_image(image, counterfactual, mean_rgb)
-    with_image, without = word_log_probs(captioner, [image, blank], caption)
-    return WordEvidence(np.exp(with_image), with_image - without, counterfactual)
+    blanks = [counterfactual_image(image, kind, mean_rgb) for kind in counterfactuals]
+    with_image, *without = word_log_probs(captioner, [image, *blanks], caption)
+    return [
+        WordEvidence(np.exp(with_image), with_image - other, kind)
+        for kind, other in zip(counterfactuals, without, strict=True)
+    ]
 
 
 def mask_and_recaption(

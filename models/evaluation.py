@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from models.analysis import caption_word_reader, word_evidence, word_scorer
+from models.analysis import caption_word_reader, word_evidence_against, word_scorer
 from models.clip_explainer import ClipExplainer
 from models.explainer import Caption, CaptionerExplainer, WordMaps
 from utils.image_utils import COUNTERFACTUALS
@@ -383,12 +383,12 @@ def measure_reliance(captioner: CaptionerExplainer, scene: Scene, caption: Capti
     points at no object when no more of its mass lies on the scene's objects than a uniform map
     would put there (their share of the image)."""
     words = [word.text for word in caption.words]
-    evidence = {kind: word_evidence(captioner, scene.image, caption, kind) for kind in COUNTERFACTUALS}
-    for kind, kind_evidence in evidence.items():
+    evidence = word_evidence_against(captioner, scene.image, caption, COUNTERFACTUALS)
+    for kind_evidence in evidence:
         for word, reliance in zip(words, kind_evidence.reliance, strict=True):
             group = "function" if word in FUNCTION_WORDS else "object" if word in COLOURS + SHAPES else None
             if group:
-                tally.reliance[kind][group].append(float(reliance))
+                tally.reliance[kind_evidence.counterfactual][group].append(float(reliance))
     split = caption_object_words(scene, words)
     indices = split["correct"] + split["mistake"]
     if not indices or not scene.objects:
@@ -398,7 +398,7 @@ def measure_reliance(captioner: CaptionerExplainer, scene: Scene, caption: Capti
     geometry = captioner.image_geometry(scene.image.size)
     boxes = [Box(*item.box) for item in scene.objects]
     uniform_mass = boxes_mask(boxes, scene.image.size).mean()
-    prior = evidence[COUNTERFACTUALS[0]].from_prior
+    prior = evidence[0].from_prior  # the default counterfactual, first of COUNTERFACTUALS
     for index, word_maps in zip(indices, maps, strict=True):
         kind = "correct" if index in split["correct"] else "mistake"
         off_object = box_mass(word_maps.cam_patches[captioner.default_layer(method)], geometry, boxes) <= uniform_mass
