@@ -396,14 +396,17 @@ def ray_results(
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # this process shows the whole run's
         # One image per block: each result streams back when its image is done, workers share the
-        # images evenly, and a worker that dies loses one image's work, not a block's.
+        # images evenly, and a worker that dies loses one image's work, not a block's. Each worker
+        # holds one image at a time: an image is seconds of work, so queueing a second one behind
+        # it gains nothing and, at the end of the run, leaves a worker idle while another still
+        # has images waiting.
         images = ray.data.from_items([{"record": pickle.dumps(record)} for record in records],
                                      override_num_blocks=len(records))  # fmt: skip
         evaluated = images.map_batches(
             RayImageEvaluator,
             fn_constructor_kwargs={"arguments": arguments, "categories": categories},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=arguments.workers or 1),
+            compute=ray.data.ActorPoolStrategy(size=arguments.workers or 1, max_tasks_in_flight_per_actor=1),
             num_cpus=arguments.threads or 1,
             num_gpus=arguments.gpus_per_worker or 0,
         )

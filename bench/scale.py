@@ -1,11 +1,15 @@
 """Images per second of evaluate.py: the sequential path beside Ray Data with 1 and 2 workers.
 
-The same generated shapes scenes are evaluated three times, one after the other in this one run,
-each into a fresh output folder, with one torch thread per process: sequentially, then with
-``--engine ray --workers 1`` and ``--workers 2`` on a local Ray instance of --cpus CPUs that is
-started once beforehand (as a cluster's head node is already running). Each run's time is
-evaluate.main's wall clock, model loading included (in every Ray worker, in parallel); the
-``busy`` throughput leaves out startup: images over the seconds the workers spent on them.
+The same generated shapes scenes are evaluated in three ways, each into a fresh output folder,
+with one torch thread per process: sequentially, and with ``--engine ray --workers 1`` and
+``--workers 2`` on a local Ray instance of --cpus CPUs that is started once beforehand (as a
+cluster's head node is already running). Each run's time is evaluate.main's wall clock, model
+loading included (in every Ray worker, in parallel); the ``busy`` throughput leaves out startup:
+images over the seconds the workers spent on them.
+
+The three ways take turns, --repeats times, each round starting with the next one, and each is
+scored by its median round: two one-round runs on this machine timed the same sequential run at
+127 s and at 81 s, so one round of each can rank them by the machine's mood, not their speed.
 
     python bench/scale.py --json bench/results/scale.json
 """
@@ -60,17 +64,26 @@ def timed_run(images: Path, out: Path, options: tuple[str, ...], steps: int | No
     }
 
 
+def median_run(rounds: list[dict]) -> dict:
+    """The round whose images/s is the median (the lower middle one of an even count)."""
+    return sorted(rounds, key=lambda run: run["images_per_s"])[(len(rounds) - 1) // 2]
+
+
 def print_table(results: dict) -> None:
-    """One row per run: images/s overall and without startup, and each as a ratio to sequential."""
-    runs = results["runs"]
-    sequential = runs["sequential"]
-    print(f"\n{results['scenes']} scenes, {results['cpus']} CPUs, one torch thread per process")
-    print(f"{'run':15s} {'seconds':>8s} {'images/s':>9s} {'x seq':>6s} {'busy images/s':>14s} {'x seq':>6s}")
-    for name, run in runs.items():
+    """One row per way, its median round: images/s overall and without startup, each as a ratio
+    to sequential, and the seconds of every round."""
+    medians = {name: median_run(rounds) for name, rounds in results["runs"].items()}
+    sequential = medians["sequential"]
+    print(f"\n{results['scenes']} scenes, {results['cpus']} CPUs, one torch thread per process, "
+          f"median of {results['repeats']} rounds")  # fmt: skip
+    print(f"{'run':15s} {'seconds':>8s} {'images/s':>9s} {'x seq':>6s} {'busy images/s':>14s} {'x seq':>6s}  "
+          "rounds (s)")  # fmt: skip
+    for name, run in medians.items():
         ratio = run["images_per_s"] / sequential["images_per_s"]
         busy_ratio = run["busy_images_per_s"] / sequential["busy_images_per_s"]
+        rounds = ", ".join(f"{each['seconds']:.0f}" for each in results["runs"][name])
         print(f"{name:15s} {run['seconds']:8.1f} {run['images_per_s']:9.3f} {ratio:6.2f} "
-              f"{run['busy_images_per_s']:14.3f} {busy_ratio:6.2f}")  # fmt: skip
+              f"{run['busy_images_per_s']:14.3f} {busy_ratio:6.2f}  {rounds}")  # fmt: skip
 
 
 def main() -> None:
@@ -79,6 +92,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="first index into EVAL_SEEDS")
     parser.add_argument("--steps", type=int, help="curve steps (default: evaluate.py's)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the three ways, taking turns")
     parser.add_argument("--json", type=Path, help="write the results here")
     arguments = parser.parse_args()
 
@@ -86,19 +100,24 @@ def main() -> None:
         images = Path(temporary) / "images"
         write_scenes(images, arguments.scenes, arguments.seed)
         ray.init(num_cpus=arguments.cpus, include_dashboard=False)
+        runs = {name: [] for name in RUNS}
+        names = list(RUNS)
         try:
-            runs = {name: timed_run(images, Path(temporary) / name, options, arguments.steps)
-                    for name, options in RUNS.items()}  # fmt: skip
+            for round_index in range(arguments.repeats):
+                for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+                    out = Path(temporary) / f"{name}_{round_index}"
+                    runs[name].append(timed_run(images, out, RUNS[name], arguments.steps))
         finally:
             ray.shutdown()
-    sequential = runs["sequential"]["images_per_s"]
+    medians = {name: median_run(rounds)["images_per_s"] for name, rounds in runs.items()}
     results = {
         "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
         "scenes": arguments.scenes,
         "cpus": arguments.cpus,
-        **{f"{name}_images_per_s": run["images_per_s"] for name, run in runs.items()},
-        "ray_1_worker_vs_sequential": round(runs["ray_1_worker"]["images_per_s"] / sequential, 3),
-        "ray_2_workers_vs_sequential": round(runs["ray_2_workers"]["images_per_s"] / sequential, 3),
+        "repeats": arguments.repeats,
+        **{f"{name}_images_per_s": value for name, value in medians.items()},
+        "ray_1_worker_vs_sequential": round(medians["ray_1_worker"] / medians["sequential"], 3),
+        "ray_2_workers_vs_sequential": round(medians["ray_2_workers"] / medians["sequential"], 3),
         "runs": runs,
     }
     print_table(results)
