@@ -58,14 +58,18 @@ def print_table(results: dict) -> None:
 
 
 def print_reliance(results: dict) -> None:
-    """Visual reliance: colour and shape words against function words, per counterfactual, and
-    the shares of right and wrong object words it (or the default map) flags."""
+    """Visual reliance: colour and shape words against the words the grammar forces and against
+    every "a" and "and", per counterfactual, and the shares of right and wrong object words it
+    (or the default map) flags."""
     reliance = results["visual_reliance"]
-    print(f"\n{'counterfactual':15s} {'AUC object vs function':>23s} {'median object':>14s} {'median function':>16s}")
+    print(f"\n{'counterfactual':15s} {'AUC vs forced':>14s} {'AUC vs a/and':>13s} "
+          f"{'median object':>14s} {'median forced':>14s} {'median a/and':>13s}")  # fmt: skip
     for kind, separation in reliance["separation"].items():
-        auc = separation["auc_object_vs_function"]
-        medians = (separation["median_object_nats"], separation["median_function_nats"])
-        print(f"{kind:15s} {'n/a' if auc is None else f'{auc:.3f}':>23s} {medians[0]:14.2f} {medians[1]:16.2f}")
+        cells = [(separation["auc_object_vs_forced"], 14, 3), (separation["auc_object_vs_function"], 13, 3),
+                 *((separation[f"median_{group}_nats"], width, 2)
+                   for group, width in (("object", 14), ("forced", 14), ("function", 13)))]  # fmt: skip
+        print(f"{kind:15s} " + " ".join("n/a".rjust(width) if value is None else f"{value:{width}.{digits}f}"
+                                        for value, width, digits in cells))  # fmt: skip
     for kind, flagged in reliance["flagged"].items():
         shares = ", ".join(f"{name} {value:.2f}" for name, value in flagged.items() if name != "words")
         print(f"{kind} object words ({flagged['words']}): flagged by {shares}")

@@ -43,7 +43,16 @@ from utils.metrics import (
     separation_auc,
 )
 from utils.patch_utils import Box, Colour, FillMode, ImageGeometry
-from utils.shapes_world import COLOURS, SHAPES, Scene, caption_distractors, generate_scene, paint_box, remove_object
+from utils.shapes_world import (
+    COLOURS,
+    SHAPES,
+    Scene,
+    caption_distractors,
+    generate_scene,
+    grammar_forced,
+    paint_box,
+    remove_object,
+)
 
 
 @dataclass(frozen=True)
@@ -285,7 +294,7 @@ class Tally:
     maps: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     # method -> Spearman correlations, trained vs randomised, deepest layer
     sanity: dict = field(default_factory=lambda: defaultdict(list))
-    # counterfactual -> "object" (colour and shape words) or "function" ("a", "and") -> reliances
+    # counterfactual -> word group (see RELIANCE_GROUPS) -> reliances
     reliance: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     # "mistake" (a word of an object the scene lacks) or "correct" -> flag name -> 0/1 values
     flags: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
@@ -359,6 +368,11 @@ def measure_scene(
 
 
 FUNCTION_WORDS = ("a", "and")
+# The word groups whose reliance is compared. "forced" is the ground truth of the language prior:
+# the words the caption grammar fixes from the words before them (shapes_world.grammar_forced).
+# "function" is every "a" and "and": the first "a" (not "an") and each "and" (one more object)
+# tell what the image shows, so only some of them are the prior's.
+RELIANCE_GROUPS = ("object", "forced", "function")
 
 
 def caption_object_words(scene: Scene, words: Sequence[str]) -> dict[str, list[int]]:
@@ -383,12 +397,16 @@ def measure_reliance(captioner: CaptionerExplainer, scene: Scene, caption: Capti
     points at no object when no more of its mass lies on the scene's objects than a uniform map
     would put there (their share of the image)."""
     words = [word.text for word in caption.words]
+    groups = [
+        {"object": word in COLOURS + SHAPES, "forced": forced, "function": word in FUNCTION_WORDS}
+        for word, forced in zip(words, grammar_forced(words), strict=True)
+    ]
     evidence = word_evidence_against(captioner, scene.image, caption, COUNTERFACTUALS)
     for kind_evidence in evidence:
-        for word, reliance in zip(words, kind_evidence.reliance, strict=True):
-            group = "function" if word in FUNCTION_WORDS else "object" if word in COLOURS + SHAPES else None
-            if group:
-                tally.reliance[kind_evidence.counterfactual][group].append(float(reliance))
+        for word_groups, reliance in zip(groups, kind_evidence.reliance, strict=True):
+            for group in RELIANCE_GROUPS:
+                if word_groups[group]:
+                    tally.reliance[kind_evidence.counterfactual][group].append(float(reliance))
     split = caption_object_words(scene, words)
     indices = split["correct"] + split["mistake"]
     if not indices or not scene.objects:
@@ -408,16 +426,17 @@ def measure_reliance(captioner: CaptionerExplainer, scene: Scene, caption: Capti
 
 
 def reliance_summary(tally: Tally) -> dict:
-    """Per counterfactual, how well reliance tells colour and shape words from function words;
-    and the shares of right and wrong object words that reliance or the map flags."""
+    """Per counterfactual, how well reliance tells colour and shape words from the words the
+    grammar forces (the prior's) and from every "a" and "and"; and the shares of right and wrong
+    object words that reliance or the map flags."""
     return {
         "separation": {
             kind: {
+                "auc_object_vs_forced": separation_auc(groups["object"], groups["forced"]),
                 "auc_object_vs_function": separation_auc(groups["object"], groups["function"]),
-                "object_words": len(groups["object"]),
-                "function_words": len(groups["function"]),
-                "median_object_nats": float(np.median(groups["object"])) if groups["object"] else None,
-                "median_function_nats": float(np.median(groups["function"])) if groups["function"] else None,
+                **{f"{group}_words": len(groups[group]) for group in RELIANCE_GROUPS},
+                **{f"median_{group}_nats": float(np.median(groups[group])) if groups[group] else None
+                   for group in RELIANCE_GROUPS},
             }
             for kind, groups in tally.reliance.items()
         },

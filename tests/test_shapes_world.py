@@ -10,6 +10,7 @@ from utils.shapes_world import (
     COLOURS,
     EMPTY_CAPTION,
     EVAL_SEEDS,
+    NEXT_WORDS,
     SHAPES,
     TRAIN_SEED_START,
     VARIED_SIDE_RANGE,
@@ -20,6 +21,7 @@ from utils.shapes_world import (
     describe_objects,
     generate_scene,
     generate_varied_scene,
+    grammar_forced,
     remove_object,
     varied_scene_size,
 )
@@ -175,3 +177,23 @@ def test_distractors_raise_when_too_many_are_requested(scenes):
 
 def test_training_seeds_are_disjoint_from_evaluation_seeds():
     assert EVAL_SEEDS.stop <= TRAIN_SEED_START
+
+
+def test_the_caption_grammar_is_exactly_the_word_pairs_the_world_writes():
+    """Every pair of neighbouring words (with the start None and the end "") over 2,000 scenes is
+    in NEXT_WORDS, and every pair NEXT_WORDS allows occurs."""
+    written = set()
+    for seed in EVAL_SEEDS[:2000]:
+        words = [None, *generate_scene(seed).caption.split(), ""]
+        written |= set(zip(words[:-1], words[1:], strict=True))
+    allowed = {(word, following) for word, followers in NEXT_WORDS.items() for following in followers}
+    assert written == allowed
+
+
+def test_only_the_words_the_grammar_leaves_no_choice_for_are_forced():
+    caption = "a red circle and a blue square"
+    assert grammar_forced(caption.split()) == [False, False, False, False, True, False, False]
+    assert grammar_forced(EMPTY_CAPTION.split()) == [False, True, True]
+    # A garbled caption: nothing after an unknown word is forced, and "a" after a shape is not.
+    assert grammar_forced(["a", "red", "circle", "a", "and", "a"]) == [False, False, False, False, False, True]
+    assert grammar_forced(["a", "purple", "a"]) == [False, False, False]

@@ -252,6 +252,32 @@ def word_change_groups(objects: tuple[SceneObject, ...]) -> Iterator[list[str]]:
         yield group
 
 
+# The caption grammar: the words that may follow each word (None: the caption's start; "" the
+# end). Captions are "an empty picture" or up to MAX_OBJECTS "a <colour> <shape>" joined by "and".
+NEXT_WORDS: dict[str | None, frozenset[str]] = {
+    None: frozenset({"a", "an"}),
+    "an": frozenset({"empty"}),
+    "empty": frozenset({"picture"}),
+    "picture": frozenset({""}),
+    "a": frozenset(COLOURS),
+    **{colour: frozenset(SHAPES) for colour in COLOURS},
+    **{shape: frozenset({"and", ""}) for shape in SHAPES},
+    "and": frozenset({"a"}),
+}
+
+
+def grammar_forced(words: list[str]) -> list[bool]:
+    """For each word of a caption, whether the grammar allows only it after the word before it.
+
+    Such a word ("a" after "and", "empty" after "an", "picture" after "empty") follows from the
+    caption so far whatever the image shows: the language prior alone can say it. Every other
+    word picks among options only the image settles, function words included: the first "a" or
+    "an" says whether the scene is empty, "and" that one more object follows. A word after one
+    the grammar does not know (a garbled caption) is not forced.
+    """
+    return [len(NEXT_WORDS.get(words[index - 1] if index else None, ())) == 1 for index in range(len(words))]
+
+
 def join_object_words(words: list[str]) -> str:
     """Caption from a flat [colour, shape, colour, shape, ...] list, in that order."""
     pairs = zip(words[0::2], words[1::2], strict=True)
