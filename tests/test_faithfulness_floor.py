@@ -34,25 +34,32 @@ class Demo:
     folder: str
     scene_for_seed: Callable[[int], Scene]
     floors: dict[str, float]
+    # Area under the ROC curve of reliance on the default (mean) counterfactual telling colour
+    # and shape words from the words the caption grammar forces.
+    reliance_auc_floor: float
 
 
 DEMOS = {
     # Measured on these 20 scenes: caption_exact 0.95, clip_top1 1.00, pointing_game 0.95,
     # pointing_game_strict 0.95, causal_removal 1.00, control_unchanged 1.00 (mean decoder
     # cross-attention); over 200 scenes the bench measured 0.955, 0.960, 0.950, 0.994 and 1.000.
+    # Reliance AUC against the mean image, object words vs forced words: 0.711 (0.804 over 100).
     "blip": Demo(
         SHAPES_DEMO, "blip", generate_scene,
         {"caption_exact": 0.90, "clip_top1": 0.85, "pointing_game": 0.85, "pointing_game_strict": 0.85,
          "causal_removal": 0.90, "control_unchanged": 0.90},
+        0.65,
     ),
-    # Measured on these 20 scenes (varied sizes): caption_exact 0.35, so only 4 objects (8 words)
-    # are measured: pointing_game 0.50, pointing_game_strict 0.625, causal_removal 1.00,
-    # control_unchanged 1.00 (mean gradient x attention over the language model's layers). The
-    # demo is undertrained (24% exact over 500 scenes): these floors guard what it has, not the goal.
+    # Measured on these 20 scenes (varied sizes): caption_exact 0.95, pointing_game 0.64,
+    # pointing_game_strict 0.91, causal_removal 1.00, control_unchanged 1.00 (mean gradient x
+    # attention over the language model's layers; its map holds one value per 2x2 block of
+    # patches, which the upsampled peak of the tolerant game often leaves); over 100 scenes the
+    # bench measured 0.960, 0.739, 0.920, 0.995 and 0.995. Reliance AUC as above: 0.747 (0.889).
     "decoder": Demo(
         SHAPES_DEMO_DECODER, SHAPES_DEMO_DECODER_FOLDER, generate_varied_scene,
-        {"caption_exact": 0.30, "pointing_game": 0.45, "pointing_game_strict": 0.60, "causal_removal": 0.90,
+        {"caption_exact": 0.90, "pointing_game": 0.55, "pointing_game_strict": 0.85, "causal_removal": 0.90,
          "control_unchanged": 0.90},
+        0.70,
     ),
 }  # fmt: skip
 
@@ -99,3 +106,9 @@ def test_maps_depend_on_the_trained_weights(name, measured):
     # Spearman 0.30 on these 3 scenes, 0.45 over 10 bench scenes), not leave it nearly as it was.
     results = results_of(name, measured)
     assert results["sanity"][results["default"]["method"]]["spearman"] < HIGH_CORRELATION
+
+
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_reliance_tells_object_words_from_the_words_the_grammar_forces(name, measured):
+    separation = results_of(name, measured)["visual_reliance"]["separation"]["mean"]
+    assert separation["auc_object_vs_forced"] >= DEMOS[name].reliance_auc_floor, separation
