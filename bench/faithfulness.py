@@ -62,14 +62,14 @@ def print_reliance(results: dict) -> None:
     every "a" and "and", per counterfactual, and the shares of right and wrong object words it
     (or the default map) flags."""
     reliance = results["visual_reliance"]
-    print(f"\n{'counterfactual':15s} {'AUC vs forced':>14s} {'AUC vs a/and':>13s} "
-          f"{'median object':>14s} {'median forced':>14s} {'median a/and':>13s}")  # fmt: skip
+    columns = {"AUC vs forced": "auc_object_vs_forced", "AUC vs a/and": "auc_object_vs_function",
+               "median object": "median_object_nats", "median forced": "median_forced_nats",
+               "median a/and": "median_function_nats"}  # fmt: skip
+    print(f"\n{'counterfactual':15s} " + " ".join(f"{name:>14s}" for name in columns))
     for kind, separation in reliance["separation"].items():
-        cells = [(separation["auc_object_vs_forced"], 14, 3), (separation["auc_object_vs_function"], 13, 3),
-                 *((separation[f"median_{group}_nats"], width, 2)
-                   for group, width in (("object", 14), ("forced", 14), ("function", 13)))]  # fmt: skip
-        print(f"{kind:15s} " + " ".join("n/a".rjust(width) if value is None else f"{value:{width}.{digits}f}"
-                                        for value, width, digits in cells))  # fmt: skip
+        values = [(separation[key], 3 if key.startswith("auc") else 2) for key in columns.values()]
+        text = " ".join(f"{'n/a' if value is None else f'{value:.{digits}f}':>14s}" for value, digits in values)
+        print(f"{kind:15s} {text}")
     for kind, flagged in reliance["flagged"].items():
         shares = ", ".join(f"{name} {value:.2f}" for name, value in flagged.items() if name != "words")
         print(f"{kind} object words ({flagged['words']}): flagged by {shares}")

@@ -397,16 +397,15 @@ def measure_reliance(captioner: CaptionerExplainer, scene: Scene, caption: Capti
     points at no object when no more of its mass lies on the scene's objects than a uniform map
     would put there (their share of the image)."""
     words = [word.text for word in caption.words]
-    groups = [
-        {"object": word in COLOURS + SHAPES, "forced": forced, "function": word in FUNCTION_WORDS}
-        for word, forced in zip(words, grammar_forced(words), strict=True)
-    ]
+    members = {  # group (RELIANCE_GROUPS) -> the indices of its words
+        "object": [index for index, word in enumerate(words) if word in COLOURS + SHAPES],
+        "forced": [index for index, forced in enumerate(grammar_forced(words)) if forced],
+        "function": [index for index, word in enumerate(words) if word in FUNCTION_WORDS],
+    }
     evidence = word_evidence_against(captioner, scene.image, caption, COUNTERFACTUALS)
     for kind_evidence in evidence:
-        for word_groups, reliance in zip(groups, kind_evidence.reliance, strict=True):
-            for group in RELIANCE_GROUPS:
-                if word_groups[group]:
-                    tally.reliance[kind_evidence.counterfactual][group].append(float(reliance))
+        for group, indices in members.items():
+            tally.reliance[kind_evidence.counterfactual][group].extend(kind_evidence.reliance[indices].tolist())
     split = caption_object_words(scene, words)
     indices = split["correct"] + split["mistake"]
     if not indices or not scene.objects:
