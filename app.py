@@ -13,7 +13,6 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 import streamlit as st
 from PIL import Image
@@ -52,13 +51,16 @@ from models.loading import (
 from utils.allocator import return_large_buffers
 from utils.caption_diff import diff_html
 from utils.image_utils import (
+    COUNTERFACTUAL_NAMES,
     COUNTERFACTUALS,
+    EXAMPLES_DIR,
     ImageLoadError,
     WorkingImage,
     colormap_names,
     draw_box,
     draw_grid,
     draw_marker,
+    example_names,
     finite_range,
     fit_for_display,
     load_working_image,
@@ -71,7 +73,6 @@ from utils.report import ReportContent, report_html, report_zip
 from utils.text import RELIANCE_BARS, RELIANCE_FULL_BAR_NATS, escape_markdown, first_content_word, reliance_mark
 from utils.video_utils import encode_mp4, layer_frames
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "media" / "examples"
 DISPLAY_WIDTH = 420  # pixels of each image column on the page
 DISPLAY_MAX_SIDE = 1024  # overlays are drawn on a copy no larger than this
 VIDEO_FPS = 12
@@ -322,8 +323,10 @@ def counterfactual_ui() -> str:
             COUNTERFACTUALS,
             key="counterfactual",
             help="A word's reliance compares its probability given the image with its probability given "
-            "this image, which shows nothing of it. mean: the model's mean colour everywhere (its "
-            "normalised input is all zeros); blurred: the image blurred, coarse colours kept; noise: random pixels.",
+            "images that show nothing of it. others: the example images other than this one, the word's "
+            "probability averaged over them (what the model says of a typical image); mean: the model's "
+            "mean colour everywhere (its normalised input is all zeros); blurred: the image blurred, coarse "
+            "colours kept; noise: random pixels.",
         )
 
 
@@ -357,10 +360,6 @@ def load_models_ui(
 
 
 # ---------------------------------------------------------------- input
-
-
-def example_names() -> list[str]:
-    return sorted(path.name for pattern in ("scene_*.png", "photo_*.jpg") for path in EXAMPLES_DIR.glob(pattern))
 
 
 def accept_image(data: bytes, name: str) -> None:
@@ -433,7 +432,8 @@ def caption_ui(page: Page) -> int:
     )
     st.caption(
         f"After each word: its probability, then how much the image raised it (visual reliance: log p with "
-        f"the image minus log p with the {evidence.counterfactual} image, {' '.join(RELIANCE_BARS)} up to "
+        f"the image minus log p given the {COUNTERFACTUAL_NAMES[evidence.counterfactual]}, "
+        f"{' '.join(RELIANCE_BARS)} up to "
         f"{RELIANCE_FULL_BAR_NATS:g} nats or more). **prior**: under {LANGUAGE_PRIOR_NATS:g} nats, the word "
         "comes from the language model's prior, not from the image."
     )
@@ -549,7 +549,8 @@ def heatmap_ui(page: Page, word: int, page_view: ViewSettings) -> None:
     if evidence.from_prior[word]:
         st.warning(
             f"“{escape_markdown(maps.word)}” barely depends on the image ({evidence.reliance[word]:+.2f} nats "
-            f"against the {evidence.counterfactual} image): it comes from the language model's prior, so this "
+            f"against the {COUNTERFACTUAL_NAMES[evidence.counterfactual]}): it comes from the language model's "
+            "prior, so this "
             "heatmap is no evidence of where it is."
         )
     heat, value_range = page.heat_images(maps)

@@ -111,8 +111,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layer", default="default", help='1-based layer, "default", "last" or "all"')
     parser.add_argument("--fill", default="mean", choices=FILL_MODES, help="what masked patches become")
     parser.add_argument(
-        "--counterfactual", default="mean", choices=COUNTERFACTUALS,
-        help="the image that shows nothing, for each word's visual reliance (README)",
+        "--counterfactual", default=COUNTERFACTUALS[0], choices=COUNTERFACTUALS,
+        help="the images that show nothing, for each word's visual reliance (README)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, help="curve steps (default: min(patches, 32))")
     parser.add_argument("--random-orders", type=int, default=RANDOM_ORDERS)

@@ -6,6 +6,8 @@ explainers, so it can be tested without a browser.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +16,7 @@ from PIL import Image
 
 from models.explainer import Caption, CaptionerExplainer, Decoding, WordMaps
 from utils.caption_diff import DiffToken, removed_words, word_diff
-from utils.image_utils import counterfactual_image
+from utils.image_utils import COUNTERFACTUALS, counterfactual_images
 from utils.metrics import (
     CaptionWords,
     CurveSet,
@@ -79,7 +81,7 @@ def word_log_probs(captioner: CaptionerExplainer, images: Sequence[Image.Image],
 
 
 # Below this many nats, the image raised a word's log p too little for its heatmap to be
-# evidence: p(word | image) is under 1.65 x p(word | an image that shows nothing).
+# evidence: p(word | image) is under 1.65 x p(word | images that show nothing of it).
 LANGUAGE_PRIOR_NATS = 0.5
 
 
@@ -90,8 +92,9 @@ class WordEvidence:
     Args:
         probabilities: (words,) p(word | image), its pieces' product, teacher-forced.
         reliance: (words,) log p(word | image) - log p(word | counterfactual), in nats, both on
-            the same caption prefix; near zero or below, the word comes from the language prior.
-        counterfactual: which image stood for "no image" (utils.image_utils.COUNTERFACTUALS).
+            the same caption prefix (p(word | counterfactual): the mean over its images); near
+            zero or below, the word comes from the language prior.
+        counterfactual: which images stood for "no image" (utils.image_utils.COUNTERFACTUALS).
     """
 
     probabilities: np.ndarray
@@ -105,7 +108,7 @@ class WordEvidence:
 
 
 def word_evidence(
-    captioner: CaptionerExplainer, image: Image.Image, caption: Caption, counterfactual: str = "mean"
+    captioner: CaptionerExplainer, image: Image.Image, caption: Caption, counterfactual: str = COUNTERFACTUALS[0]
 ) -> WordEvidence:
     """Every word's probability and visual reliance, from one batched teacher-forced pass over
     the image and its counterfactual."""
@@ -116,14 +119,21 @@ def word_evidence(
 def word_evidence_against(
     captioner: CaptionerExplainer, image: Image.Image, caption: Caption, counterfactuals: Sequence[str]
 ) -> list[WordEvidence]:
-    """``word_evidence`` for each counterfactual, from one batched pass over the image and all of them."""
+    """``word_evidence`` for each counterfactual, from one batched pass over the image and all of
+    their images; a counterfactual of several images counts each word's mean probability."""
     mean_rgb = getattr(captioner.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-    blanks = [counterfactual_image(image, kind, mean_rgb) for kind in counterfactuals]
-    with_image, *without = word_log_probs(captioner, [image, *blanks], caption)
+    blanks = [counterfactual_images(image, kind, mean_rgb) for kind in counterfactuals]
+    log_probs = word_log_probs(captioner, [image, *itertools.chain.from_iterable(blanks)], caption)
+    with_image, ends = log_probs[0], 1 + np.cumsum([len(images) for images in blanks])
     return [
-        WordEvidence(np.exp(with_image), with_image - other, kind)
-        for kind, other in zip(counterfactuals, without, strict=True)
+        WordEvidence(np.exp(with_image), with_image - mean_log_prob(log_probs[end - len(images) : end]), kind)
+        for kind, images, end in zip(counterfactuals, blanks, ends, strict=True)
     ]
+
+
+def mean_log_prob(log_probs: np.ndarray) -> np.ndarray:
+    """(images, words) log p -> (words,) the log of each word's probability averaged over the images."""
+    return np.logaddexp.reduce(log_probs, axis=0) - math.log(len(log_probs))
 
 
 def mask_and_recaption(

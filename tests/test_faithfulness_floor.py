@@ -15,6 +15,7 @@ from models.clip_explainer import ClipExplainer
 from models.evaluation import measure_shapes_scenes
 from models.families import load_captioner
 from models.loading import SHAPES_DEMO, SHAPES_DEMO_DECODER, SHAPES_DEMO_DECODER_FOLDER
+from utils.image_utils import COUNTERFACTUALS
 from utils.metrics import HIGH_CORRELATION
 from utils.shapes_world import EVAL_SEEDS, Scene, generate_scene, generate_varied_scene
 
@@ -34,32 +35,36 @@ class Demo:
     folder: str
     scene_for_seed: Callable[[int], Scene]
     floors: dict[str, float]
-    # Area under the ROC curve of reliance on the default (mean) counterfactual telling colour
-    # and shape words from the words the caption grammar forces.
-    reliance_auc_floor: float
+    # Areas under the ROC curve of reliance on the default counterfactual (the other example
+    # images) telling colour and shape words from every "a" and "and" (the measure,
+    # goal 0.95) and from the words the caption grammar forces.
+    reliance_auc_floors: dict[str, float]
 
 
 DEMOS = {
     # Measured on these 20 scenes: caption_exact 0.95, clip_top1 1.00, pointing_game 0.95,
     # pointing_game_strict 0.95, causal_removal 1.00, control_unchanged 1.00 (mean decoder
     # cross-attention); over 200 scenes the bench measured 0.955, 0.960, 0.950, 0.994 and 1.000.
-    # Reliance AUC against the mean image, object words vs forced words: 0.711 (0.804 over 100).
+    # Reliance AUCs, object words vs a/and and vs forced words: 1.000 and 0.928 (1.000 and
+    # 0.972 over 100 scenes).
     "blip": Demo(
         SHAPES_DEMO, "blip", generate_scene,
         {"caption_exact": 0.90, "clip_top1": 0.85, "pointing_game": 0.85, "pointing_game_strict": 0.85,
          "causal_removal": 0.90, "control_unchanged": 0.90},
-        0.65,
+        {"auc_object_vs_function": 0.95, "auc_object_vs_forced": 0.85},
     ),
     # Measured on these 20 scenes (varied sizes): caption_exact 0.95, pointing_game 0.64,
     # pointing_game_strict 0.91, causal_removal 1.00, control_unchanged 1.00 (mean gradient x
     # attention over the language model's layers; its map holds one value per 2x2 block of
     # patches, which the upsampled peak of the tolerant game often leaves); over 100 scenes the
-    # bench measured 0.960, 0.739, 0.920, 0.995 and 0.995. Reliance AUC as above: 0.747 (0.889).
+    # bench measured 0.960, 0.739, 0.920, 0.995 and 0.995. Reliance AUCs as above: 0.988 and
+    # 0.798 (0.993 and 0.927 over 100 scenes; the forced "empty picture" after "an" scores high,
+    # since no other example but the empty one makes "an" likely).
     "decoder": Demo(
         SHAPES_DEMO_DECODER, SHAPES_DEMO_DECODER_FOLDER, generate_varied_scene,
         {"caption_exact": 0.90, "pointing_game": 0.55, "pointing_game_strict": 0.85, "causal_removal": 0.90,
          "control_unchanged": 0.90},
-        0.70,
+        {"auc_object_vs_function": 0.95, "auc_object_vs_forced": 0.70},
     ),
 }  # fmt: skip
 
@@ -109,6 +114,7 @@ def test_maps_depend_on_the_trained_weights(name, measured):
 
 
 @pytest.mark.parametrize("name", sorted(DEMOS))
-def test_reliance_tells_object_words_from_the_words_the_grammar_forces(name, measured):
-    separation = results_of(name, measured)["visual_reliance"]["separation"]["mean"]
-    assert separation["auc_object_vs_forced"] >= DEMOS[name].reliance_auc_floor, separation
+def test_reliance_tells_object_words_from_function_words_and_the_words_the_grammar_forces(name, measured):
+    separation = results_of(name, measured)["visual_reliance"]["separation"][COUNTERFACTUALS[0]]
+    for measure, floor in DEMOS[name].reliance_auc_floors.items():
+        assert separation[measure] >= floor, separation

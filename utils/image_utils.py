@@ -5,12 +5,14 @@ Every function here is pure: it returns a new image or array and never modifies 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -428,21 +430,60 @@ def to_png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# Images that carry no information about the scene, for a word's visual reliance.
-# "mean": the dataset-mean colour everywhere, which the processor normalises to all zeros: no
-# edge, no colour, no object (the usual attribution baseline). "blurred" keeps coarse colour
-# blobs (a red blob still says "red"); "noise" is out of distribution and adds random evidence.
-COUNTERFACTUALS = ("mean", "blurred", "noise")
+# The bundled example images (photos and shapes scenes), for the app's picker and the "others"
+# counterfactual.
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "media" / "examples"
+EXAMPLE_PATTERNS = ("scene_*.png", "photo_*.jpg")
+
+# What stands for "no image" in a word's visual reliance: a set of images whose mean probability
+# of the word is its prior. "others" (the default): the example images other than this one, so
+# the prior is what the model says of a typical image, an estimate of p(word | prefix) as the
+# expectation over images; the reliance is then the pointwise mutual information of word and
+# image. Measured on the shapes demos' ground truth, it tells object words from "a" and "and"
+# best (README). The single images each carry something of their own: "mean", the
+# normalisation mean everywhere, which the processor turns into all zeros (the usual
+# attribution baseline, but the flat image is read as something, the inside of a square on the
+# shapes demo); "blurred" keeps coarse colour blobs (a red blob still says "red"); "noise" is
+# out of distribution and adds random evidence.
+COUNTERFACTUALS = ("others", "mean", "blurred", "noise")
+COUNTERFACTUAL_NAMES = {  # how the page names each kind after "log p given the"
+    "others": "other example images (their mean probability)",
+    "mean": "mean image",
+    "blurred": "blurred image",
+    "noise": "noise image",
+}
 
 
-def counterfactual_image(image: Image.Image, kind: str, mean_rgb: Sequence[float]) -> Image.Image:
-    """An image of ``image``'s size that shows nothing of it: ``kind`` is one of COUNTERFACTUALS,
-    ``mean_rgb`` the model's normalisation mean (0..1 per channel). Seeded: the same every time."""
+def example_names() -> list[str]:
+    """File names of the bundled example images, in name order."""
+    return sorted(path.name for pattern in EXAMPLE_PATTERNS for path in EXAMPLES_DIR.glob(pattern))
+
+
+@functools.cache
+def example_images() -> tuple[Image.Image, ...]:
+    """The bundled example images, decoded once (RGB); callers must not modify them."""
+    images = []
+    for name in example_names():
+        with Image.open(EXAMPLES_DIR / name) as example:
+            images.append(example.convert("RGB"))
+    return tuple(images)
+
+
+def counterfactual_images(image: Image.Image, kind: str, mean_rgb: Sequence[float]) -> list[Image.Image]:
+    """Images of ``image``'s size that stand for "no image": ``kind`` is one of COUNTERFACTUALS,
+    ``mean_rgb`` the model's normalisation mean (0..1 per channel). The same every time."""
+    if kind == "others":
+        rgb = image.convert("RGB")
+        return [
+            example.resize(image.size, Image.Resampling.BICUBIC)
+            for example in example_images()
+            if example.size != rgb.size or example.tobytes() != rgb.tobytes()  # never the image itself
+        ]
     if kind == "mean":
-        return Image.new("RGB", image.size, tuple(round(255 * value) for value in mean_rgb))
+        return [Image.new("RGB", image.size, tuple(round(255 * value) for value in mean_rgb))]
     if kind == "blurred":
-        return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius=max(image.size) / 8))
+        return [image.convert("RGB").filter(ImageFilter.GaussianBlur(radius=max(image.size) / 8))]
     if kind == "noise":
         pixels = np.random.default_rng(0).integers(0, 256, (image.height, image.width, 3), dtype=np.uint8)
-        return Image.fromarray(pixels)
+        return [Image.fromarray(pixels)]
     raise ValueError(f"unknown counterfactual {kind!r}; choose one of {', '.join(COUNTERFACTUALS)}")
