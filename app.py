@@ -433,9 +433,8 @@ def caption_ui(page: Page) -> int:
     st.caption(
         f"After each word: its probability, then how much the image raised it (visual reliance: log p with "
         f"the image minus log p given the {COUNTERFACTUAL_NAMES[evidence.counterfactual]}, "
-        f"{' '.join(RELIANCE_BARS)} up to "
-        f"{RELIANCE_FULL_BAR_NATS:g} nats or more). **prior**: under {LANGUAGE_PRIOR_NATS:g} nats, the word "
-        "comes from the language model's prior, not from the image."
+        f"{' '.join(RELIANCE_BARS)} up to {RELIANCE_FULL_BAR_NATS:g} nats or more). **prior**: under "
+        f"{LANGUAGE_PRIOR_NATS:g} nats, the word comes from the language model's prior, not from the image."
     )
     return 0 if chosen is None else chosen
 
@@ -550,8 +549,7 @@ def heatmap_ui(page: Page, word: int, page_view: ViewSettings) -> None:
         st.warning(
             f"“{escape_markdown(maps.word)}” barely depends on the image ({evidence.reliance[word]:+.2f} nats "
             f"against the {COUNTERFACTUAL_NAMES[evidence.counterfactual]}): it comes from the language model's "
-            "prior, so this "
-            "heatmap is no evidence of where it is."
+            "prior, so this heatmap is no evidence of where it is."
         )
     heat, value_range = page.heat_images(maps)
     overlay = overlay_heatmap(

@@ -124,10 +124,11 @@ def word_evidence_against(
     mean_rgb = getattr(captioner.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
     blanks = [counterfactual_images(image, kind, mean_rgb) for kind in counterfactuals]
     log_probs = word_log_probs(captioner, [image, *itertools.chain.from_iterable(blanks)], caption)
-    with_image, ends = log_probs[0], 1 + np.cumsum([len(images) for images in blanks])
+    # Rows: the image's, then each counterfactual's images in turn.
+    (with_image,), *without = np.split(log_probs, np.cumsum([1, *(len(images) for images in blanks)])[:-1])
     return [
-        WordEvidence(np.exp(with_image), with_image - mean_log_prob(log_probs[end - len(images) : end]), kind)
-        for kind, images, end in zip(counterfactuals, blanks, ends, strict=True)
+        WordEvidence(np.exp(with_image), with_image - mean_log_prob(other), kind)
+        for kind, other in zip(counterfactuals, without, strict=True)
     ]
 
 

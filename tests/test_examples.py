@@ -3,11 +3,8 @@ photographs load as uploads do, in several aspect ratios and sizes, small on dis
 
 from __future__ import annotations
 
-from pathlib import Path
+from utils.image_utils import EXAMPLES_DIR, load_image
 
-from utils.image_utils import load_image
-
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "media" / "examples"
 LICENSES = EXAMPLES_DIR / "LICENSES.md"
 PHOTOS = sorted(EXAMPLES_DIR.glob("photo_*.jpg"))
 
