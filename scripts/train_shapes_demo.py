@@ -91,6 +91,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--blip-steps", type=int, default=6000)
     parser.add_argument("--clip-steps", type=int, default=3000)
     parser.add_argument("--qwen2vl-steps", type=int, default=QWEN2VL_STEPS)
+    parser.add_argument(
+        "--qwen2vl-large-object-steps", type=int, default=QWEN2VL_LARGE_OBJECT_STEPS,
+        help="first steps on the larger half of the object sizes only (a curriculum; 0: none)",
+    )
     parser.add_argument("--out", type=Path, default=Path("models/shapes_demo"))
     parser.add_argument("--eval-scenes", type=int, default=FINAL_EVAL_SCENES)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -232,9 +236,10 @@ def boxes_intersect(box: tuple[int, int, int, int], other: tuple[int, int, int, 
     return box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]
 
 
-def training_scene(seed: int, image_size: int | tuple[int, int]) -> Scene:
-    """Scene for one training seed, sometimes with an object removed or empty background painted."""
-    scene = generate_scene(seed, image_size)
+def training_scene(seed: int, image_size: int | tuple[int, int], size_floor: float = 0.0) -> Scene:
+    """Scene for one training seed, sometimes with an object removed or empty background painted;
+    `size_floor` raises its smallest object side (``object_size_range``)."""
+    scene = generate_scene(seed, image_size, size_floor)
     rng = np.random.default_rng([seed, 1])
     if scene.objects and rng.random() < REMOVE_OBJECT_PROBABILITY:
         scene = remove_object(scene, int(rng.integers(len(scene.objects))))
@@ -318,9 +323,14 @@ QWEN2VL_MERGE_SIZE = 2
 QWEN2VL_MIN_PIXELS = 64 * 64
 QWEN2VL_MAX_PIXELS = 224 * 224
 QWEN2VL_MAX_TOKENS = 96
-# The captioner names colours and counts objects within a few hundred steps, but its shape words
-# stay at chance (loss log 3) for about 1600 steps: with BLIP's 6000 it learns them (1600 did not).
-QWEN2VL_STEPS = 6000
+# The captioner names colours and counts objects within a few hundred steps, but on the whole
+# range of object sizes its shape words stay near chance (loss log 3) for about 1600 steps.
+# Shown only the larger half of the sizes first, it learned them within 1000 steps, and at step
+# 1600 it captioned 0.84 of 64 held-out scenes exactly, against 0.41 without (README).
+QWEN2VL_STEPS = 7000
+QWEN2VL_LARGE_OBJECT_STEPS = 1200
+# The curriculum's scenes: the smallest object side halfway up the world's range.
+LARGE_OBJECT_FLOOR = 0.5
 QWEN2VL_VISION = {"depth": 4, "embed_dim": 128, "mlp_ratio": 2, "num_heads": 4}
 # Head size 32: the three M-RoPE sections (time, height, width) sum to 16.
 QWEN2VL_TEXT = {
@@ -400,7 +410,9 @@ def build_qwen2vl_for_training(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLFor
     """``build_qwen2vl`` with its patch embedding computed as one matrix product while it trains.
 
     The Conv3d's kernel is as large as each of its inputs, so it is exactly a linear map of the
-    flattened patch; on the CPU, mkldnn's conv3d backward alone took a quarter of each step.
+    flattened patch; on the CPU, mkldnn's conv3d backward alone took a quarter of each step. An
+    image's T frames are copies of it, so the map is one frame times the T kernels summed: half
+    the product, and the same gradient for every kernel as the conv gives.
     Only this object's ``forward`` changes: the weights, and so the saved model, are the conv's.
     """
     model = build_qwen2vl(tokenizer)
@@ -408,9 +420,10 @@ def build_qwen2vl_for_training(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLFor
     weight = embedding.proj.weight  # (D, 3, T, P, P)
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:  # (patches, 3 x T x P x P) -> (patches, D)
-        return functional.linear(hidden_states.to(weight.dtype), weight.flatten(1))
+        first_frame = hidden_states.to(weight.dtype).unflatten(1, weight.shape[1:])[:, :, 0]  # (patches, 3, P, P)
+        return functional.linear(first_frame.flatten(1), weight.sum(dim=2).flatten(1))
 
-    patches = torch.randn(8, weight[0].numel())
+    patches = torch.randn(8, 3, 1, *weight.shape[3:]).expand(-1, -1, weight.shape[2], -1, -1).flatten(1)
     with torch.no_grad():
         if not torch.allclose(forward(patches), embedding(patches), atol=1e-5):
             raise RuntimeError("the matrix-product patch embedding differs from the Conv3d")
@@ -483,6 +496,8 @@ class TrainingPlan:
         batch_loss: (model, processor, scene seeds, scenes, device) -> loss.
         held_out_label: what ``held_out_score`` measures, for the progress line.
         held_out_score: (model, processor, scene seeds) -> a score from 0 to 1.
+        large_object_steps: the first steps draw only the larger half of the world's object sizes
+            (``LARGE_OBJECT_FLOOR``), a curriculum; the rest draw the whole range.
     """
 
     name: str
@@ -494,6 +509,7 @@ class TrainingPlan:
     batch_loss: Callable[[nn.Module, object, range, list[Scene], str], torch.Tensor]
     held_out_label: str
     held_out_score: Callable[[nn.Module, object, Sequence[int]], float]
+    large_object_steps: int = 0
 
 
 def square_scene(seed: int) -> int:
@@ -515,7 +531,7 @@ def training_plans(
                      contrastive_batch_loss, f"held-out top-1 of {CLIP_CANDIDATES}", clip_top1),
         TrainingPlan("qwen2vl", build_qwen2vl_for_training, qwen2vl_processor, arguments.qwen2vl_steps,
                      QWEN2VL_SEED_START, varied_scene_size, qwen2vl_batch_loss, "held-out exact",
-                     qwen2vl_caption_accuracy),
+                     qwen2vl_caption_accuracy, arguments.qwen2vl_large_object_steps),
     ]  # fmt: skip
 
 
@@ -529,7 +545,8 @@ def train_model(plan: TrainingPlan, arguments: argparse.Namespace) -> tuple[nn.M
     for step in range(plan.steps):
         model.train()
         seeds = range(plan.seed_start + step * BATCH_SIZE, plan.seed_start + (step + 1) * BATCH_SIZE)
-        scenes = [training_scene(seed, plan.scene_size(seed)) for seed in seeds]
+        size_floor = LARGE_OBJECT_FLOOR if step < plan.large_object_steps else 0.0
+        scenes = [training_scene(seed, plan.scene_size(seed), size_floor) for seed in seeds]
         loss = plan.batch_loss(model, plan.processor, seeds, scenes, arguments.device)
         learning_rate = learning_rate_at(step, plan.steps, arguments.learning_rate)
         loss = optimise_step(model, optimiser, loss, learning_rate)
@@ -540,7 +557,10 @@ def train_model(plan: TrainingPlan, arguments: argparse.Namespace) -> tuple[nn.M
                 f"{plan.held_out_label} {score:.2f}",
                 flush=True,
             )
-    return model, {"steps": plan.steps, "wall_seconds": round(time.time() - started, 1)}
+    log = {"steps": plan.steps, "wall_seconds": round(time.time() - started, 1)}
+    if plan.large_object_steps:
+        log |= {"large_object_steps": plan.large_object_steps, "large_object_floor": LARGE_OBJECT_FLOOR}
+    return model, log
 
 
 def optimise_step(model: nn.Module, optimiser, loss: torch.Tensor, learning_rate: float) -> float:

@@ -53,18 +53,17 @@ DEMOS = {
          "causal_removal": 0.90, "control_unchanged": 0.90},
         {"auc_object_vs_function": 0.95, "auc_object_vs_forced": 0.85},
     ),
-    # Measured on these 20 scenes (varied sizes): caption_exact 0.95, pointing_game 0.64,
-    # pointing_game_strict 0.91, causal_removal 1.00, control_unchanged 1.00 (mean gradient x
+    # Measured on these 20 scenes (varied sizes): caption_exact 1.00, pointing_game 0.76,
+    # pointing_game_strict 0.97, causal_removal 1.00, control_unchanged 1.00 (mean gradient x
     # attention over the language model's layers; its map holds one value per 2x2 block of
     # patches, which the upsampled peak of the tolerant game often leaves); over 100 scenes the
-    # bench measured 0.960, 0.739, 0.920, 0.995 and 0.995. Reliance AUCs as above: 0.988 and
-    # 0.798 (0.993 and 0.927 over 100 scenes; the forced "empty picture" after "an" scores high,
-    # since no other example but the empty one makes "an" likely).
+    # bench measured 1.000, 0.798, 0.979, 1.000 and 1.000. Reliance AUCs as above: 0.996 and
+    # 0.969 (0.988 and 0.979 over 100 scenes).
     "decoder": Demo(
         SHAPES_DEMO_DECODER, SHAPES_DEMO_DECODER_FOLDER, generate_varied_scene,
-        {"caption_exact": 0.90, "pointing_game": 0.55, "pointing_game_strict": 0.85, "causal_removal": 0.90,
+        {"caption_exact": 0.90, "pointing_game": 0.65, "pointing_game_strict": 0.90, "causal_removal": 0.90,
          "control_unchanged": 0.90},
-        {"auc_object_vs_function": 0.95, "auc_object_vs_forced": 0.70},
+        {"auc_object_vs_function": 0.95, "auc_object_vs_forced": 0.85},
     ),
 }  # fmt: skip
 

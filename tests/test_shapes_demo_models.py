@@ -33,9 +33,9 @@ TEST_SEEDS = EVAL_SEEDS[1000:1020]
 MAX_MEGABYTES = 25
 DECODER_MAX_MEGABYTES = 15
 DECODER_MAX_PARAMETERS = 5_000_000
-# The decoder demo captions 18 of TEST_SEEDS' 20 scenes exactly (91.6% over 500 held-out scenes
+# The decoder demo captions all 20 of TEST_SEEDS' scenes exactly (98.4% over 500 held-out scenes
 # in models/shapes_demo/training_report.json); the floor leaves one scene, as BLIP's does.
-DECODER_CORRECT_FLOOR = 17
+DECODER_CORRECT_FLOOR = 19
 OBJECT_PHRASE = rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 WELL_FORMED_CAPTION = re.compile(rf"{EMPTY_CAPTION}|{OBJECT_PHRASE}( and {OBJECT_PHRASE})*")
 

@@ -22,6 +22,7 @@ from utils.shapes_world import (
     generate_scene,
     generate_varied_scene,
     grammar_forced,
+    object_size_range,
     remove_object,
     varied_scene_size,
 )
@@ -70,6 +71,17 @@ def test_a_width_height_pair_gives_that_image_and_a_square_pair_the_square_scene
     assert square.image.tobytes() == generate_scene(5).image.tobytes()
     with pytest.raises(ValueError, match="at least 32"):
         generate_scene(5, (160, 20))
+
+
+def test_a_size_floor_draws_only_the_larger_objects_and_zero_is_the_world_itself():
+    smallest, largest = object_size_range(96)
+    assert (smallest, largest) == (12, 30)
+    assert object_size_range(96, 0.5) == (21, 30)
+    assert object_size_range(96, 1.0) == (30, 30)
+    sides = [item.box[2] - item.box[0] for seed in SEEDS for item in generate_scene(seed, 96, 0.5).objects]
+    assert min(sides) == 21 and max(sides) == 30
+    assert any(item.box[2] - item.box[0] < 21 for seed in SEEDS for item in generate_scene(seed, 96).objects)
+    assert generate_scene(5, 96, 0.0).image.tobytes() == generate_scene(5, 96).image.tobytes()
 
 
 @pytest.fixture(scope="module")

@@ -59,9 +59,15 @@ class Scene:
     background: tuple[int, int, int]
 
 
-def object_size_range(image_size: int) -> tuple[int, int]:
-    """Smallest and largest object side in pixels for an image whose shorter side is `image_size` pixels."""
-    return max(4, image_size // 8), max(5, image_size * 5 // 16)
+def object_size_range(image_size: int, size_floor: float = 0.0) -> tuple[int, int]:
+    """Smallest and largest object side in pixels for an image whose shorter side is `image_size` pixels.
+
+    Args:
+        size_floor: where in the world's range the smallest side starts, from 0 (the whole range)
+            to 1 (the largest side only); a training curriculum raises it (held-out scenes use 0).
+    """
+    smallest, largest = max(4, image_size // 8), max(5, image_size * 5 // 16)
+    return smallest + int((largest - smallest) * size_floor), largest
 
 
 def image_dimensions(image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -92,12 +98,13 @@ def describe_objects(objects: tuple[SceneObject, ...] | list[SceneObject]) -> st
     return " and ".join(f"a {item.colour} {item.shape}" for item in ordered)
 
 
-def generate_scene(seed: int, image_size: int | tuple[int, int] = 128) -> Scene:
+def generate_scene(seed: int, image_size: int | tuple[int, int] = 128, size_floor: float = 0.0) -> Scene:
     """Draw the scene for `seed`; the same seed always gives identical image bytes.
 
     Args:
         seed: any non-negative int (EVAL_SEEDS for evaluation, >= TRAIN_SEED_START for training).
         image_size: side of a square RGB image, or its (width, height), in pixels (each >= 32).
+        size_floor: raises the smallest object side (``object_size_range``); 0 is the world's own.
     """
     width, height = image_dimensions(image_size)
     if min(width, height) < 32:
@@ -105,7 +112,7 @@ def generate_scene(seed: int, image_size: int | tuple[int, int] = 128) -> Scene:
     rng = np.random.default_rng(seed)
     object_count = int(rng.choice(MAX_OBJECTS + 1, p=OBJECT_COUNT_PROBABILITIES))
     background = random_background(rng)
-    boxes = place_boxes(rng, object_count, (width, height))
+    boxes = place_boxes(rng, object_count, (width, height), size_floor)
     objects = tuple(
         SceneObject(shape=str(rng.choice(SHAPES)), colour=str(rng.choice(COLOURS)), box=box)
         for box in sorted(boxes, key=lambda box: box[0] + box[2])
@@ -125,7 +132,7 @@ def random_background(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def place_boxes(
-    rng: np.random.Generator, count: int, image_size: tuple[int, int]
+    rng: np.random.Generator, count: int, image_size: tuple[int, int], size_floor: float = 0.0
 ) -> list[tuple[int, int, int, int]]:
     """Up to `count` square boxes inside a (width, height) image that neither overlap nor share
     a horizontal centre.
@@ -136,7 +143,7 @@ def place_boxes(
     """
     width, height = image_size
     shorter = min(width, height)
-    smallest, largest = object_size_range(shorter)
+    smallest, largest = object_size_range(shorter, size_floor)
     margin = max(1, shorter // 64)
     centre_gap = max(1, shorter // 16)
     boxes: list[tuple[int, int, int, int]] = []
