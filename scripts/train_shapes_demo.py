@@ -325,8 +325,9 @@ QWEN2VL_MAX_PIXELS = 224 * 224
 QWEN2VL_MAX_TOKENS = 96
 # The captioner names colours and counts objects within a few hundred steps, but on the whole
 # range of object sizes its shape words stay near chance (loss log 3) for about 1600 steps.
-# Shown only the larger half of the sizes first, it learned them within 1000 steps, and at step
-# 1600 it captioned 0.84 of 64 held-out scenes exactly, against 0.41 without (README).
+# Shown only the larger half of the sizes first, it learns them within 1000 steps: this recipe
+# captioned 0.73 of 64 held-out scenes exactly at step 1600 and 0.86 at 2000, against 0.41 and
+# 0.61 without the curriculum (README).
 QWEN2VL_STEPS = 7000
 QWEN2VL_LARGE_OBJECT_STEPS = 1200
 # The curriculum's scenes: the smallest object side halfway up the world's range.
