@@ -407,6 +407,12 @@ def build_qwen2vl(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLForConditionalGe
     return model
 
 
+def image_patches(count: int, weight: torch.Tensor) -> torch.Tensor:
+    """`count` random flattened patches for a (D, 3, T, P, P) patch embedding whose T frames are
+    copies of one another, as the image processor tiles an image: (count, 3 x T x P x P)."""
+    return torch.randn(count, 3, 1, *weight.shape[3:]).expand(-1, -1, weight.shape[2], -1, -1).flatten(1)
+
+
 def build_qwen2vl_for_training(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLForConditionalGeneration:
     """``build_qwen2vl`` with its patch embedding computed as one matrix product while it trains.
 
@@ -424,7 +430,7 @@ def build_qwen2vl_for_training(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLFor
         first_frame = hidden_states.to(weight.dtype).unflatten(1, weight.shape[1:])[:, :, 0]  # (patches, 3, P, P)
         return functional.linear(first_frame.flatten(1), weight.sum(dim=2).flatten(1))
 
-    patches = torch.randn(8, 3, 1, *weight.shape[3:]).expand(-1, -1, weight.shape[2], -1, -1).flatten(1)
+    patches = image_patches(8, weight)
     with torch.no_grad():
         if not torch.allclose(forward(patches), embedding(patches), atol=1e-5):
             raise RuntimeError("the matrix-product patch embedding differs from the Conv3d")

@@ -28,8 +28,7 @@ def test_the_training_patch_embedding_gives_the_conv3d_s_outputs_and_gradients_o
     model = script.build_qwen2vl_for_training(script.build_qwen2vl_tokenizer())
     embedding = model.model.visual.patch_embed
     weight = embedding.proj.weight  # (D, 3, T, P, P)
-    # An image's patches: every temporal frame a copy of the first, as the image processor tiles them.
-    patches = torch.randn(16, 3, 1, *weight.shape[3:]).expand(-1, -1, weight.shape[2], -1, -1).flatten(1)
+    patches = script.image_patches(16, weight)
     outputs, gradients = [], []
     for forward in (embedding.forward, type(embedding).forward.__get__(embedding)):
         weight.grad = None
@@ -48,6 +47,7 @@ def test_the_curriculum_s_scenes_hold_only_the_larger_half_of_the_object_sizes(s
     smallest, largest = object_size_range(min(size))
     floor, _ = object_size_range(min(size), script.LARGE_OBJECT_FLOOR)
     assert smallest < floor < largest
+
     def object_sides(size_floor: float) -> list[int]:
         scenes = [script.training_scene(seed, size, size_floor) for seed in seeds]
         return [item.box[2] - item.box[0] for scene in scenes for item in scene.objects]
