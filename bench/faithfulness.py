@@ -4,11 +4,15 @@ On held-out scenes (EVAL_SEEDS from --seed on) that the demo captioner describes
 colour and shape word is explained with every method at every layer and scored: pointing game
 (strict: the peak patch overlaps the object's box; and with one patch of tolerance around the
 box, on the upsampled map) and box mass against its object's box, and deletion AUC (patches
-filled with the background) against random orders. Causal checks per object: painting the object's box with the
-background must change the caption into the caption of the scene without that object
-(``causal_removal``); painting a same-size box of empty background must change nothing
-(``control_unchanged``). A model-randomisation sanity check runs on the first scenes. The
-measuring is ``models.evaluation``'s, shared with ``evaluate.py``; this script prints and writes it.
+filled with the background) against random orders and against the reference of ground truth,
+the object's box first, in random order (what a map that knows only where the object is would
+score). The headline strict pointing game and deletion ratio to random orders come with 95%
+bootstrap intervals over scenes.
+Causal checks per object: painting the object's box with the background must change the
+caption into the caption of the scene without that object (``causal_removal``); painting a
+same-size box of empty background must change nothing (``control_unchanged``). A
+model-randomisation sanity check runs on the first scenes. The measuring is
+``models.evaluation``'s, shared with ``evaluate.py``; this script prints and writes it.
 
     python bench/faithfulness.py --scenes 200 --seed 0 --json bench/results/faithfulness.json
     python bench/faithfulness.py --model shapes-demo-decoder --scenes 200 --json bench/results/faithfulness_decoder.json
@@ -41,9 +45,16 @@ def print_table(results: dict) -> None:
     counts = results["counts"]
     print(f"{counts['scenes']} scenes, {counts['objects']} objects, {counts['words']} words")
     for key in ("caption_exact", "clip_top1", "pointing_game_strict", "pointing_game", "box_mass", "deletion_auc",
-                "random_deletion_auc", "causal_removal", "causal_word_dropped", "control_unchanged"):  # fmt: skip
+                "random_deletion_auc", "box_first_deletion_auc", "causal_removal", "causal_word_dropped",
+                "control_unchanged"):  # fmt: skip
         value = results[key]
         print(f"{key:22s} {'n/a' if value is None else f'{value:.3f}'}")
+    if results["deletion_ratio"] is not None:
+        pointing_low, pointing_high = results["pointing_game_strict_ci95"]
+        deletion_low, deletion_high = results["deletion_ratio_ci95"]
+        print(f"95% intervals over scenes: pointing_game_strict {pointing_low:.3f} to {pointing_high:.3f}; "
+              f"deletion / random {results['deletion_ratio']:.3f}, {deletion_low:.3f} to {deletion_high:.3f} "
+              f"(box first {results['box_first_deletion_ratio']:.3f})")
     width = max(len(layer_name) for layers in results["per_layer"].values() for layer_name in layers)
     header = " ".join(f"{name:>7s}" for name in ("PG str", "PG", "PG col", "PG shp", "mass", "del AUC"))
     print(f"\n{'method':16s} {'layer':{width}s} {header}")

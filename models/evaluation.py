@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,7 @@ from utils.metrics import (
     Direction,
     RemovalRegion,
     ScoreImages,
+    box_first_order,
     box_mass,
     boxes_mask,
     compare_maps,
@@ -40,6 +41,7 @@ from utils.metrics import (
     patch_order,
     pointing_game,
     random_curve,
+    ratio_interval,
     separation_auc,
 )
 from utils.patch_utils import Box, Colour, FillMode, ImageGeometry
@@ -205,10 +207,24 @@ def map_curves(
     once, so a patch set that several maps share is scored once.
     """
     orders = [patch_order(entry.cam_patches) for entry in entries]
+    return slot_curves(image, geometry, orders, [entry.slot for entry in entries], score_words, direction, settings)
+
+
+def slot_curves(
+    image: Image.Image,
+    geometry: ImageGeometry,
+    orders: Sequence[np.ndarray],
+    slots: Sequence[int],
+    score_words: ScoreImages,
+    direction: Direction,
+    settings: MeasureSettings,
+) -> list[Curve]:
+    """One curve per patch order, each of the measured word in ``slots`` at the same place:
+    scores (steps,). All orders' masked images go through one chunked stream."""
     curves = curves_by_order(image, geometry, orders, score_words, direction=direction, **settings.curve_options())
     return [
-        Curve(curve.direction, curve.fractions, curve.scores[:, entry.slot], curve.reference[entry.slot])
-        for curve, entry in zip(curves, entries, strict=True)
+        Curve(curve.direction, curve.fractions, curve.scores[:, slot], curve.reference[slot])
+        for curve, slot in zip(curves, slots, strict=True)
     ]
 
 
@@ -279,6 +295,19 @@ CONTROL_TRIES = 200
 CONTROL_MARGIN = 2
 
 
+@dataclass(frozen=True)
+class SceneSums:
+    """One scene's headline numbers summed over its measured words: how many, how many the
+    headline map's strict pointing game hits, and deletion AUC by that map, by random orders
+    and by the box-first reference."""
+
+    words: int
+    strict_hits: float
+    deletion: float
+    random_deletion: float
+    box_first_deletion: float
+
+
 @dataclass
 class Tally:
     """Per-word, per-object and per-scene measurements collected over the scenes."""
@@ -290,6 +319,9 @@ class Tally:
     control_unchanged: list[float] = field(default_factory=list)
     controls_skipped: int = 0
     random_deletion_auc: list[float] = field(default_factory=list)
+    box_first_deletion_auc: list[float] = field(default_factory=list)
+    # Per scene, the headline map's sums over its measured words (the bootstrap's unit).
+    headline_scenes: list[SceneSums] = field(default_factory=list)
     # (method, layer name, "colour" or "shape") -> metric name -> values
     maps: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     # method -> Spearman correlations, trained vs randomised, deepest layer
@@ -356,7 +388,19 @@ def measure_scene(
     boxes = [[Box(*scene.objects[slot].box)] for _, _, slot in cases]
     settings = MeasureSettings(fill=scene.background, steps=steps, chunk=SHAPES_SCORE_CHUNK)
     scores = measure_image(captioner, scene.image, caption, indices, boxes, methods, settings)
-    tally.random_deletion_auc.extend(scores.random_deletion.auc.tolist())
+    random_auc = scores.random_deletion.auc
+    box_first_auc = box_first_deletion(captioner, scene, caption, cases, settings, seed)
+    tally.random_deletion_auc.extend(random_auc.tolist())
+    tally.box_first_deletion_auc.extend(box_first_auc.tolist())
+    headline = [map_scores for map_scores in scores.maps
+                if (map_scores.method, map_scores.layer_name) == headline_map(captioner, methods)]  # fmt: skip
+    tally.headline_scenes.append(SceneSums(
+        words=len(headline),
+        strict_hits=sum(map_scores.pointing_game_strict for map_scores in headline),
+        deletion=sum(float(map_scores.deletion.auc) for map_scores in headline),
+        random_deletion=float(random_auc.sum()),
+        box_first_deletion=float(box_first_auc.sum()),
+    ))  # fmt: skip
     for map_scores in scores.maps:
         metrics = tally.maps[map_scores.method, map_scores.layer_name, cases[map_scores.slot][1]]
         metrics["pointing_game"].append(map_scores.pointing_game)
@@ -365,6 +409,52 @@ def measure_scene(
         metrics["deletion_auc"].append(float(map_scores.deletion.auc))
     if randomised is not None:
         measure_sanity(captioner, randomised, scene, caption, indices, methods, tally)
+
+
+def box_first_deletion(
+    captioner: CaptionerExplainer,
+    scene: Scene,
+    caption: Caption,
+    cases: Sequence[tuple[int, str, int]],
+    settings: MeasureSettings,
+    seed: int,
+) -> np.ndarray:
+    """Deletion AUC of each measured word (``word_objects``' cases) by the reference order of
+    ground truth, its object's box first (``utils.metrics.box_first_order``): (words,)."""
+    geometry = captioner.image_geometry(scene.image.size)
+    rng = np.random.default_rng(seed)
+    orders = [
+        box_first_order(geometry.patches_in_box(Box(*scene.objects[slot].box)), geometry.patch_count, rng)
+        for _, _, slot in cases
+    ]
+    score_words = word_scorer(captioner, caption, [index for index, _, _ in cases])
+    curves = slot_curves(scene.image, geometry, orders, range(len(cases)), score_words, "deletion", settings)
+    return np.array([float(curve.auc) for curve in curves])
+
+
+def headline_map(captioner: CaptionerExplainer, methods: Sequence[str]) -> tuple[str, str]:
+    """(method, layer name) of the summary's headline: the family's default method at its
+    default layer, or the first measured method's default layer when the default is not measured."""
+    method = captioner.default_method if captioner.default_method in methods else methods[0]
+    return method, captioner.layer_names(method)[captioner.default_layer(method)]
+
+
+def headline_intervals(tally: Tally) -> dict:
+    """95% bootstrap intervals over scenes of the headline map's strict pointing game and of
+    its deletion AUC as a share of random orders'; that share for the map and for the
+    box-first reference. None without measured scenes."""
+    keys = ("pointing_game_strict_ci95", "deletion_ratio", "deletion_ratio_ci95", "box_first_deletion_ratio")
+    if not tally.headline_scenes:
+        return dict.fromkeys(keys)
+    words, hits, deletion, random, box_first = (
+        np.array(column, dtype=np.float64) for column in zip(*map(astuple, tally.headline_scenes), strict=True)
+    )
+    return dict(zip(keys, (
+        list(ratio_interval(hits, words)),
+        float(deletion.sum() / random.sum()),
+        list(ratio_interval(deletion, random)),
+        float(box_first.sum() / random.sum()),
+    ), strict=True))  # fmt: skip
 
 
 FUNCTION_WORDS = ("a", "and")
@@ -498,8 +588,7 @@ def summarise_scenes(tally: Tally, captioner: CaptionerExplainer, methods: Seque
                 "pointing_game_colour": finite_mean(colour["pointing_game"]),
                 "pointing_game_shape": finite_mean(shape["pointing_game"]),
             }
-    default_method = captioner.default_method if captioner.default_method in methods else methods[0]
-    default_layer = captioner.layer_names(default_method)[captioner.default_layer(default_method)]
+    default_method, default_layer = headline_map(captioner, methods)
     headline = per_layer[default_method][default_layer]
     return {
         "caption_exact": finite_mean(tally.caption_exact),
@@ -510,6 +599,8 @@ def summarise_scenes(tally: Tally, captioner: CaptionerExplainer, methods: Seque
         "box_mass": headline["box_mass"],
         "deletion_auc": headline["deletion_auc"],
         "random_deletion_auc": finite_mean(tally.random_deletion_auc),
+        "box_first_deletion_auc": finite_mean(tally.box_first_deletion_auc),
+        **headline_intervals(tally),
         "causal_removal": finite_mean(tally.causal_removal),
         "causal_word_dropped": finite_mean(tally.causal_word_dropped),
         "control_unchanged": finite_mean(tally.control_unchanged),

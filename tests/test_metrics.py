@@ -8,6 +8,7 @@ from PIL import Image
 
 from utils.metrics import (
     Curve,
+    box_first_order,
     box_mass,
     compare_maps,
     curves_by_order,
@@ -17,6 +18,7 @@ from utils.metrics import (
     pointing_game,
     rank_layers,
     rank_values,
+    ratio_interval,
     region_schedule,
     spearman,
     step_counts,
@@ -247,3 +249,40 @@ def test_compare_maps_flags_maps_that_survive_randomisation():
     check = compare_maps(before, shuffled)
     assert check.correlation == pytest.approx(spearman(before, shuffled))
     assert not check.barely_depends
+
+
+def test_box_first_order_takes_every_box_patch_before_any_other():
+    rng = np.random.default_rng(0)
+    orders = [box_first_order([6, 5, 6], GEOMETRY.patch_count, rng) for _ in range(20)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(GEOMETRY.patch_count))
+        assert set(order[:2].tolist()) == set(OBJECT_PATCHES)
+    # Each part is shuffled, not left in id order.
+    assert len({tuple(order[:2]) for order in orders}) == 2
+    assert len({tuple(order[2:]) for order in orders}) > 1
+
+
+def test_box_first_deletion_falls_as_fast_as_the_true_map():
+    order = box_first_order(OBJECT_PATCHES, GEOMETRY.patch_count, np.random.default_rng(0))
+    (box_first,) = curves_by_order(white_image(), GEOMETRY, [order], object_brightness_log, steps=16)
+    (by_map,) = curves_by_order(white_image(), GEOMETRY, [patch_order(true_map())], object_brightness_log, steps=16)
+    assert box_first.auc == pytest.approx(by_map.auc)
+    assert box_first.auc < 0.1
+
+
+def test_ratio_interval_brackets_the_ratio_and_narrows_with_more_scenes():
+    rng = np.random.default_rng(1)
+    random_auc = rng.uniform(0.5, 0.8, size=400)
+    map_auc = random_auc * rng.uniform(0.3, 0.7, size=400)  # ratio about 0.5
+    ratio = map_auc.sum() / random_auc.sum()
+    low, high = ratio_interval(map_auc, random_auc)
+    assert low < ratio < high
+    few_low, few_high = ratio_interval(map_auc[:25], random_auc[:25])
+    assert few_high - few_low > 2 * (high - low)
+    assert ratio_interval(map_auc, random_auc) == (low, high)  # seeded: reproducible
+
+
+def test_ratio_interval_of_identical_scenes_has_no_width_and_empty_input_is_refused():
+    assert ratio_interval([1.0] * 5, [4.0] * 5) == pytest.approx((0.25, 0.25))
+    with pytest.raises(ValueError, match="non-empty"):
+        ratio_interval([], [])

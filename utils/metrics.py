@@ -33,6 +33,8 @@ Direction = Literal["deletion", "insertion"]
 MAX_STEPS = 32
 SCORE_CHUNK = 16
 RANDOM_ORDERS = 3
+# Scene resamples of the bootstrap interval of a deletion ratio.
+BOOTSTRAP_RESAMPLES = 2000
 # Adebayo et al. (2018): a map that survives weight randomisation this well explains nothing.
 HIGH_CORRELATION = 0.9
 # Minimal region search: patch counts tried in order, as shares of the grid, up to this share.
@@ -153,6 +155,24 @@ def patch_order(cam_patches: np.ndarray) -> np.ndarray:
     return np.argsort(-np.nan_to_num(flat, nan=-np.inf), kind="stable")
 
 
+def box_first_order(box_patches: Sequence[int], patch_count: int, rng: np.random.Generator) -> np.ndarray:
+    """The reference order of ground truth: the object's box patches first, then the others,
+    each part shuffled. Its deletion curve is what a map that knows where the object is, and
+    nothing more, would score; a map can beat it only by ordering patches within the box (or
+    outside it) better than chance.
+
+    Args:
+        box_patches: ids of the patches the object's box touches.
+        patch_count: patches in the grid.
+        rng: shuffles both parts.
+    Returns:
+        (patch_count,) int64, a permutation of the patch ids.
+    """
+    inside = np.unique(np.asarray(box_patches, dtype=np.int64))
+    outside = np.setdiff1d(np.arange(patch_count), inside)
+    return np.concatenate([rng.permutation(inside), rng.permutation(outside)])
+
+
 def random_patch_orders(patch_count: int, count: int, seed: int) -> list[np.ndarray]:
     """``count`` random permutations of the patch ids, reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -256,6 +276,35 @@ def finite_mean(values) -> float | None:
     """Mean over finite values; None (JSON null) when there are none."""
     finite = [value for value in values if np.isfinite(value)]
     return float(np.mean(finite)) if finite else None
+
+
+def ratio_interval(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(numerators) / sum(denominators), resampling the
+    units (scenes) with replacement: how far a ratio of mean AUCs could move on another sample
+    of scenes. Words of one scene share its image, so the scene, not the word, is the unit.
+
+    Args:
+        numerators, denominators: one sum per unit (e.g. a scene's map and random AUCs), >= 1 unit.
+        level: the interval's coverage, in (0, 1).
+        resamples: bootstrap samples, >= 1.
+        seed: seeds the resampling.
+    Returns:
+        (low, high).
+    """
+    top, bottom = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    if not top.size or top.shape != bottom.shape:
+        raise ValueError(f"need equal, non-empty numerators and denominators, got {top.shape} and {bottom.shape}")
+    picks = np.random.default_rng(seed).integers(0, top.size, size=(resamples, top.size))
+    ratios = top[picks].sum(axis=1) / bottom[picks].sum(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def mean_curve(curves: Sequence[Curve]) -> Curve:
