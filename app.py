@@ -567,7 +567,9 @@ def heatmap_ui(page: Page, word: int, page_view: ViewSettings) -> None:
         handle_click(value, page.working)
     with right:
         word_text = escape_markdown(maps.word)
-        st.caption(f"“{word_text}” · {maps.layer_names[view.layer]} · score {maps.score:.2f}")
+        # A contrastive target names what the word is explained against ("why red, not blue?").
+        against = "" if maps.foil is None else f" against “{escape_markdown(maps.foil)}”"
+        st.caption(f"“{word_text}”{against} · {maps.layer_names[view.layer]} · score {maps.score:.2f}")
         st.image(with_grid(page, overlay) if view.show_grid else overlay, width=DISPLAY_WIDTH)
     region_controls_ui(page, maps.cam_patches[view.layer], maps.word)
 
@@ -863,7 +865,7 @@ def report_content(page: Page, model_label: str, shown: Shown) -> ReportContent:
         heatmaps += (("CLIP", shown.clip.overlay),)
     evidence = page.evidence()
     metrics = {
-        "word": maps.word, "method": method, "score": maps.score,
+        "word": maps.word, "method": method, "foil": maps.foil, "score": maps.score,
         "visual_reliance_nats": float(evidence.reliance[shown.word]), "counterfactual": evidence.counterfactual,
         **shown.measured,
     }  # fmt: skip

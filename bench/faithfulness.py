@@ -56,16 +56,17 @@ def print_table(results: dict) -> None:
               f"deletion / random {results['deletion_ratio']:.3f}, {deletion_low:.3f} to {deletion_high:.3f} "
               f"(box first {results['box_first_deletion_ratio']:.3f})")
     width = max(len(layer_name) for layers in results["per_layer"].values() for layer_name in layers)
+    method_width = max(len(method) for method in results["per_layer"])
     header = " ".join(f"{name:>7s}" for name in ("PG str", "PG", "PG col", "PG shp", "mass", "del AUC"))
-    print(f"\n{'method':16s} {'layer':{width}s} {header}")
+    print(f"\n{'method':{method_width}s} {'layer':{width}s} {header}")
     for method, layers in results["per_layer"].items():
         for layer_name, metrics in layers.items():
             cells = [metrics[key] for key in ("pointing_game_strict", "pointing_game", "pointing_game_colour",
                                               "pointing_game_shape", "box_mass", "deletion_auc")]
             text = " ".join(f"{'-' if value is None else f'{value:.3f}':>7s}" for value in cells)
-            print(f"{method:16s} {layer_name:{width}s} {text}")
+            print(f"{method:{method_width}s} {layer_name:{width}s} {text}")
     for method, sanity in results["sanity"].items():
-        print(f"sanity {method:16s} Spearman trained vs randomised top layers: {sanity['spearman']}")
+        print(f"sanity {method:{method_width}s} Spearman trained vs randomised top layers: {sanity['spearman']}")
 
 
 def print_reliance(results: dict) -> None:

@@ -120,6 +120,8 @@ class WordMaps:
         cam_patches: (maps, patches) float32 relevance of every patch the model saw, >= 0;
             the explainer's ``image_geometry`` puts the patches on the image.
         score: the explained target (log p of the word, or the contrastive difference).
+        foil: the word it is contrasted with (a given foil, or the model's runner-up); None
+            when the target is the word's log p.
     """
 
     word: str
@@ -127,6 +129,7 @@ class WordMaps:
     layer_names: tuple[str, ...]
     cam_patches: np.ndarray
     score: float
+    foil: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,17 @@ def token_log_prob_target(token_ids: Sequence[int], positions: Sequence[int]) ->
         return sum(log_probs[..., position - 1 - first_row, token_ids[position]] for position in positions)
 
     return target
+
+
+# A foil id that stands for "the model's own runner-up", resolved in the gradient pass
+# (``CaptionerExplainer.runner_up_id``); never a vocabulary id.
+RUNNER_UP = -1
+
+
+def contrast_position(caption: Caption, word_index: int, piece: int | None) -> int:
+    """Where a contrastive target compares a word with its foil: the chosen piece, else the first."""
+    word = caption.words[word_index]
+    return list(range(word.start, word.end))[piece or 0]
 
 
 def contrastive_target(token_ids: Sequence[int], position: int, foil_id: int) -> Target:
@@ -195,6 +209,10 @@ class GradientMethod:
             modules' outputs and gradients at once, one map per ``layer_names`` entry: for a
             map that carries one module's relevance through another's attention (BLIP-2: the
             language model's attention to the queries, through the Q-Former to the patches).
+        contrast_runner_up: explain each word against the model's runner-up where no foil is
+            given: the target is log p(word) - log p(the most probable other id) at the word's
+            first piece ("why red, not blue?"), so evidence that serves both alike (where the
+            next object is, say) cancels out.
     """
 
     label: str
@@ -206,6 +224,7 @@ class GradientMethod:
     token_of_patch: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
     attention_heads: int = 0
     compose: ComposedRelevance | None = None
+    contrast_runner_up: bool = False
 
     @property
     def map_names(self) -> tuple[str, ...]:
@@ -327,14 +346,27 @@ def attention_layers_method(
     )
 
 
-def language_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance, **options) -> Method:
-    """Gradient x attention in a decoder-only model's language layers, one map per layer, then their mean.
+def language_attention_methods(
+    attentions: Sequence[nn.Module], relevance: LayerRelevance, **options
+) -> dict[str, Method]:
+    """Gradient x attention in a decoder-only model's language layers, one map per layer, then
+    their mean: of the word against the model's runner-up ("attention_contrast", the family's
+    default: on the decoder-only shapes demo it points at the right object and deletes the word
+    faster than the word's own log p does) and of the word's log p ("attention").
     Its memory grows with the square of the sequence: ``attention_heads`` lets the engine check it."""
-    return attention_layers_method(
-        "Gradient x attention to the image tokens, language model layers", "language model attention",
-        attentions, relevance, attention_heads=sum(module.config.num_attention_heads for module in attentions),
-        **options,
-    )
+    heads = sum(module.config.num_attention_heads for module in attentions)
+    return {
+        key: attention_layers_method(
+            label, "language model attention", attentions, relevance, attention_heads=heads,
+            contrast_runner_up=contrast, **options,
+        )
+        for key, label, contrast in (
+            ("attention_contrast",
+             "Gradient x attention to the image tokens, the word against the model's runner-up, language model layers",
+             True),
+            ("attention", "Gradient x attention to the image tokens, language model layers", False),
+        )
+    }  # fmt: skip
 
 
 def cross_attention_method(attentions: Sequence[nn.Module], relevance: LayerRelevance) -> Method:
@@ -674,7 +706,7 @@ class CaptionerExplainer(PretrainedExplainer):
         return torch.cat([nan_column, log_probs], dim=1).float().cpu().numpy()
 
     def word_target(
-        self, caption: Caption, word_index: int, piece: int | None = None, foil: str | None = None
+        self, caption: Caption, word_index: int, piece: int | None = None, foil_id: int | None = None
     ) -> Target:
         """The target for one caption word.
 
@@ -682,23 +714,57 @@ class CaptionerExplainer(PretrainedExplainer):
             caption: the caption the word belongs to.
             word_index: index into ``caption.words``.
             piece: explain only this piece of the word (0-based); None for all its pieces.
-            foil: a contrasting word; the target becomes log p(word) - log p(foil) at the
-                word's first piece. The foil must be a single piece of the vocabulary.
+            foil_id: a contrasting vocabulary id; the target becomes log p(word) - log p(foil)
+                at the word's first piece.
         """
+        if foil_id is not None:
+            return contrastive_target(caption.token_ids, contrast_position(caption, word_index, piece), foil_id)
         word = caption.words[word_index]
         positions = list(range(word.start, word.end))
-        if piece is not None:
-            positions = [positions[piece]]
-        if foil is None:
-            return token_log_prob_target(caption.token_ids, positions)
+        return token_log_prob_target(caption.token_ids, positions if piece is None else [positions[piece]])
+
+    def word_targets(
+        self, caption: Caption, word_indices: Sequence[int], piece: int | None, foil_ids: Sequence[int | None]
+    ) -> list[Target]:
+        """``word_target`` of each word with its foil id."""
+        return [
+            self.word_target(caption, index, piece, foil_id)
+            for index, foil_id in zip(word_indices, foil_ids, strict=True)
+        ]
+
+    def foil_token_id(self, caption: Caption, position: int, foil: str) -> int:
+        """The vocabulary id of a contrasting word, spelled as the caption's piece at
+        ``position`` is: byte-level BPE has " red" ("Ġred") and "red" as two pieces, and a word
+        after a space is the first. Raises ValueError unless the foil is a single piece."""
         tokenizer = self.processor.tokenizer
-        # Spelled as the word's first piece is: byte-level BPE has " red" ("Ġred") and "red" as
-        # two pieces, and a word after a space is the first.
-        leading_space = tokenizer.decode([caption.token_ids[positions[0]]])[:1].isspace()
+        leading_space = tokenizer.decode([caption.token_ids[position]])[:1].isspace()
         foil_ids = tokenizer((" " if leading_space else "") + foil.strip(), add_special_tokens=False).input_ids
         if len(foil_ids) != 1:
             raise ValueError(f"the foil {foil!r} is not a single word piece of this model's vocabulary")
-        return contrastive_target(caption.token_ids, positions[0], foil_ids[0])
+        return foil_ids[0]
+
+    def runner_up_id(self, log_probs: torch.Tensor, caption: Caption, position: int, first_row: int) -> int:
+        """The id the model rates most probable at ``position`` other than the caption's own,
+        never a special id, from the teacher-forced ``log_probs`` (rows from ``first_row`` on,
+        vocabulary) of one image."""
+        row = log_probs[position - 1 - first_row].detach().clone()
+        # Ids the tokenizer added beyond the output layer's rows can never be predicted anyway.
+        never = [token_id for token_id in self.special_ids if token_id < row.numel()]
+        row[torch.tensor(never, dtype=torch.long, device=row.device)] = -math.inf
+        row[caption.token_ids[position]] = -math.inf
+        return int(row.argmax())
+
+    def foil_ids(
+        self, method: Method, caption: Caption, word_indices: Sequence[int], piece: int | None, foil: str | None
+    ) -> list[int | None]:
+        """Each word's contrasting id: the given foil's, else RUNNER_UP where the method contrasts
+        with the model's runner-up (found in the gradient pass's own forward), else None (log p)."""
+        if foil is not None:
+            positions = [contrast_position(caption, index, piece) for index in word_indices]
+            return [self.foil_token_id(caption, position, foil) for position in positions]
+        if isinstance(method, GradientMethod) and method.contrast_runner_up:
+            return [RUNNER_UP] * len(word_indices)
+        return [None] * len(word_indices)
 
     @in_denormal_mode
     def explain(
@@ -717,7 +783,10 @@ class CaptionerExplainer(PretrainedExplainer):
             caption: from ``caption()``.
             word_indices: which of ``caption.words``; None explains them all.
             method: a key of ``methods``; None for the family's default.
-            piece, foil: see ``word_target``.
+            piece: see ``word_target``.
+            foil: a word to contrast with (one piece of the vocabulary): the target becomes
+                log p(word) - log p(foil) at the word's first piece (or ``piece``). None: the
+                method's own target (the word's log p, or against the runner-up).
         Returns:
             One WordMaps per requested word, in order.
         """
@@ -726,19 +795,24 @@ class CaptionerExplainer(PretrainedExplainer):
         indices = range(len(caption.words)) if word_indices is None else list(word_indices)
         if not indices:
             return []
-        targets = [self.word_target(caption, index, piece, foil) for index in indices]
         inputs = self.typed_inputs([image])
+        foil_ids = self.foil_ids(chosen, caption, indices, piece, foil)
         ids = torch.tensor([caption.token_ids], device=self.device)
         if isinstance(chosen, OcclusionMethod):
+            targets = self.word_targets(caption, indices, piece, foil_ids)
             blocks = occlusion_blocks(self.image_geometry(image.size))
             scores, cam_patches = self._occlusion_maps(inputs, ids, targets, blocks, caption.prompt_length - 1)
         else:
             check_attention_memory(chosen, ids.shape[1], next(self.model.parameters()).dtype)
-            scores, cam_patches = self._gradient_maps(chosen, inputs, ids, targets, caption, indices)
+            scores, cam_patches, foil_ids = self._gradient_maps(chosen, inputs, ids, caption, indices, piece, foil_ids)
         cam_patches = cam_patches.float().cpu().numpy()  # (W, maps, patches)
+        tokenizer = self.processor.tokenizer
         return [
-            WordMaps(caption.words[index].text, method, chosen.map_names, cam_patches[slot], float(scores[slot]))
-            for slot, index in enumerate(indices)
+            WordMaps(
+                caption.words[index].text, method, chosen.map_names, cam_patches[slot], float(scores[slot]),
+                None if foil_id is None else tokenizer.decode([foil_id]).strip(),
+            )
+            for slot, (index, foil_id) in enumerate(zip(indices, foil_ids, strict=True))
         ]
 
     def _gradient_maps(
@@ -746,12 +820,14 @@ class CaptionerExplainer(PretrainedExplainer):
         method: GradientMethod,
         inputs: dict[str, torch.Tensor],
         ids: torch.Tensor,
-        targets: Sequence[Target],
         caption: Caption,
         word_indices: Sequence[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (words,) and maps (words, maps, patches): one forward pass shared by all
-        words, then one gradient call per word for every layer."""
+        piece: int | None,
+        foil_ids: Sequence[int | None],
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
+        """Scores (words,), maps (words, maps, patches) and each word's foil id (RUNNER_UP
+        resolved): one forward pass shared by all words, then one gradient call per word for
+        every layer."""
         # Frozen parameters: without an input that requires grad nothing would be differentiable.
         inputs = {
             name: value.detach().requires_grad_(True) if value.is_floating_point() else value
@@ -771,6 +847,13 @@ class CaptionerExplainer(PretrainedExplainer):
                     f"{method.label}: nothing was captured at {', '.join(missing)} "
                     "(attention probabilities need attn_implementation='eager')"
                 )
+            # The runner-up is read off this same pass: no second forward for the default target.
+            foil_ids = [
+                self.runner_up_id(log_probs, caption, contrast_position(caption, index, piece), first_row)
+                if foil_id == RUNNER_UP else foil_id
+                for index, foil_id in zip(word_indices, foil_ids, strict=True)
+            ]  # fmt: skip
+            targets = self.word_targets(caption, word_indices, piece, foil_ids)
             scores = torch.stack([target(log_probs, first_row) for target in targets])  # (W,)
             # One backward pass per word over the one shared forward graph. (Batching them with
             # is_grads_batched=True, i.e. vmap, measured 50% slower on CPU for BLIP base.) Each
@@ -791,7 +874,7 @@ class CaptionerExplainer(PretrainedExplainer):
             # A mean rather than a sum keeps the pooled map on the layers' scale, so a colour
             # scale shared with the single layers still shows them.
             maps.append(torch.stack(maps).mean(dim=0))
-        return scores.detach(), torch.stack(maps, dim=1).detach()
+        return scores.detach(), torch.stack(maps, dim=1).detach(), foil_ids
 
     @staticmethod
     def _word_maps(method: GradientMethod, captured, gradients, caption: Caption, word_index: int) -> list:

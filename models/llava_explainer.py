@@ -32,7 +32,7 @@ from models.explainer import (
     Method,
     OcclusionMethod,
     image_token_attention_relevance,
-    language_attention_method,
+    language_attention_methods,
     patch_token_relevance,
     projector_method,
     special_token_ids,
@@ -54,7 +54,7 @@ class LlavaExplainer(CaptionerExplainer):
     model_types = ("llava",)
     demo_component = "blip"  # no bundled LLaVA demo: "shapes-demo" stays the BLIP one
     # The family's analogue of BLIP's default (gradient x cross-attention, mean over layers).
-    default_method = "attention"
+    default_method = "attention_contrast"
     prompt_label = INSTRUCTION_LABEL
     prompt_help = INSTRUCTION_HELP
     text_is_answer_only = True
@@ -98,7 +98,7 @@ class LlavaExplainer(CaptionerExplainer):
         vision_methods = vision_layer_methods(
             self.vision_layers, lambda cam: patch_token_relevance(cam, first_patch_token=self.prefix_tokens)
         )
-        attention = language_attention_method(
+        attention_methods = language_attention_methods(
             self.attention_layers,
             image_token_attention_relevance(
                 self.image_token_id, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0
@@ -108,7 +108,7 @@ class LlavaExplainer(CaptionerExplainer):
             self.model.model.multi_modal_projector,
             patch_token_relevance(hires_cam, first_patch_token=self.prefix_tokens if self.strategy == "full" else 0),
         )
-        return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
+        return {**attention_methods, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
 
     def teacher_forced_logits(
         self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, first_row: int = 0

@@ -35,7 +35,7 @@ from models.explainer import (
     Method,
     OcclusionMethod,
     image_token_attention_relevance,
-    language_attention_method,
+    language_attention_methods,
     occlude_view_patches,
     projector_method,
     tiled_token_relevance,
@@ -233,7 +233,7 @@ class LlavaOnevisionExplainer(LlavaExplainer):
     # ------------------------------------------------------------ methods
 
     def build_methods(self) -> dict[str, Method]:
-        attention = language_attention_method(
+        attention_methods = language_attention_methods(
             self.attention_layers,
             image_token_attention_relevance(self.image_token_id),
             token_of_patch=self.image_token_of_patch,
@@ -250,7 +250,7 @@ class LlavaOnevisionExplainer(LlavaExplainer):
             tiled_token_relevance(hires_cam),
             token_of_patch=self.vision_token_of_patch,
         )
-        return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
+        return {**attention_methods, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
 
     # ------------------------------------------------------------ inputs and forward passes
 

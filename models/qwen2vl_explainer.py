@@ -54,7 +54,7 @@ from models.explainer import (
     Method,
     OcclusionMethod,
     image_token_attention_relevance,
-    language_attention_method,
+    language_attention_methods,
     patch_token_relevance,
     projector_method,
     switch_to_eager_attention,
@@ -140,7 +140,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
     # "shapes-demo" means the BLIP demo, which check_model_type refuses here; the bundled Qwen2-VL
     # is "shapes-demo-decoder" (models/loading.py).
     demo_component = "blip"
-    default_method = "attention"
+    default_method = "attention_contrast"
     prompt_label = INSTRUCTION_LABEL
     prompt_help = INSTRUCTION_HELP
     text_is_answer_only = True
@@ -237,7 +237,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
             self.vision_layers, flattened_patch_relevance, vision_names, VISION_BLOCK_LABELS,
             token_of_patch=self.vision_token_order,
         )
-        attention = language_attention_method(
+        attention_methods = language_attention_methods(
             self.attentions,
             image_token_attention_relevance(self.image_token_id),
             token_of_patch=self.image_token_of_patch,
@@ -249,7 +249,7 @@ class Qwen2VLExplainer(CaptionerExplainer):
             flattened_patch_relevance(hires_cam),
             token_of_patch=self.merger_token_of_patch,
         )
-        return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
+        return {**attention_methods, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
 
     def merger_token_of_patch(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """For each row-major patch, the merger's output row that covers it (Qwen2-VL: the

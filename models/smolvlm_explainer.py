@@ -54,7 +54,7 @@ from models.explainer import (
     Method,
     OcclusionMethod,
     image_token_attention_relevance,
-    language_attention_method,
+    language_attention_methods,
     occlude_view_patches,
     projector_method,
     switch_to_eager_attention,
@@ -122,7 +122,7 @@ class SmolVLMExplainer(CaptionerExplainer):
     processor_class = SmolVLMImageTextProcessor
     model_types = ("smolvlm",)
     demo_component = "blip"  # no bundled SmolVLM demo: "shapes-demo" stays BLIP
-    default_method = "attention"
+    default_method = "attention_contrast"
     prompt_label = INSTRUCTION_LABEL
     prompt_help = INSTRUCTION_HELP
     text_is_answer_only = True
@@ -214,7 +214,7 @@ class SmolVLMExplainer(CaptionerExplainer):
     def build_methods(self) -> dict[str, Method]:
         # Gradient x attention from the rows that predict each word (row t - 1 predicts id t)
         # to the image-token columns, summed over the word's pieces, averaged over heads.
-        attention = language_attention_method(
+        attention_methods = language_attention_methods(
             self.attentions, self.spread_to_patches(image_token_attention_relevance(self.image_token_id))
         )
         vision_methods = vision_layer_methods(self.vision_layers, tiled_token_relevance, labels=TILED_VISION_LABELS)
@@ -222,7 +222,7 @@ class SmolVLMExplainer(CaptionerExplainer):
         projector = projector_method(
             self.model.model.connector, self.spread_to_patches(tiled_token_relevance(hires_cam))
         )
-        return {"attention": attention, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
+        return {**attention_methods, **vision_methods, "projector": projector, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         return self.model.model.vision_model.encoder.layers

@@ -113,10 +113,10 @@ def test_logits_before_a_token_score_it(tiny_llava, caption, caption_ids):
     batched = tiny_llava.token_log_probs([random_image(30), image], caption_ids)
     np.testing.assert_allclose(batched[1], teacher_forced, rtol=1e-5, atol=1e-5)
     assert not np.allclose(batched[0][1:], teacher_forced[1:])
-    (maps,) = tiny_llava.explain(image, caption, word_indices=[1], piece=0)
+    (maps,) = tiny_llava.explain(image, caption, word_indices=[1], method="attention", piece=0)
     assert maps.score == pytest.approx(expected, abs=1e-5)
     whole_word = sum(log_p_by_hand(p - 1, caption_ids[p]) for p in range(red.start, red.end))
-    (maps,) = tiny_llava.explain(image, caption, word_indices=[1])
+    (maps,) = tiny_llava.explain(image, caption, word_indices=[1], method="attention")
     assert maps.score == pytest.approx(whole_word, abs=1e-5)
 
 
@@ -231,14 +231,14 @@ def test_a_cls_token_kept_in_the_sequence_is_no_patch():
         assert maps.cam_patches.shape[1] == PATCHES
 
 
-def test_attention_is_the_default_and_ends_with_the_mean_over_layers_shown_first(tiny_llava, caption):
-    assert tiny_llava.default_method == "attention"
+def test_attention_against_the_runner_up_is_the_default_and_ends_with_the_mean_shown_first(tiny_llava, caption):
+    assert tiny_llava.default_method == "attention_contrast"
     (maps,) = tiny_llava.explain(random_image(5), caption, word_indices=[1])
-    assert maps.method == "attention"
+    assert maps.method == "attention_contrast" and maps.foil is not None
     assert maps.layer_names[-1] == f"language model attention, mean of all {TEXT_LAYERS} layers"
     assert maps.cam_patches[:TEXT_LAYERS].max() > 0, "the mean of blank maps would prove nothing"
     np.testing.assert_allclose(maps.cam_patches[-1], maps.cam_patches[:TEXT_LAYERS].mean(axis=0), rtol=1e-5, atol=1e-9)
-    assert tiny_llava.default_layer("attention") == TEXT_LAYERS
+    assert tiny_llava.default_layer("attention_contrast") == TEXT_LAYERS
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -78,7 +78,7 @@ def test_loaded_through_its_config_with_eager_attention_and_every_vision_layer(t
     assert len(tiny_ov.vision_layers) == VISION_LAYERS  # the projector reads the last layer
     assert tiny_ov.prefix_tokens == 0, "SigLIP has no CLS token"
     assert not hasattr(tiny_ov.processor, "video_processor")
-    assert tiny_ov.default_method == "attention"
+    assert tiny_ov.default_method == "attention_contrast"
 
 
 def test_answer_words_only_and_image_tokens_as_the_layout_counts_them(tiny_ov, caption):

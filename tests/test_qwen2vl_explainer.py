@@ -164,8 +164,9 @@ def test_logits_before_a_token_score_it(tiny_qwen, caption):
     teacher_forced = tiny_qwen.token_log_probs([image], caption.token_ids)[0]
     assert np.isnan(teacher_forced[0])
     assert teacher_forced[red_position] == pytest.approx(expected, abs=1e-5)
-    (maps,) = tiny_qwen.explain(image, caption, word_indices=[1])
+    (maps,) = tiny_qwen.explain(image, caption, word_indices=[1], method="attention")
     assert maps.score == pytest.approx(expected, abs=1e-5)
+    assert maps.foil is None
     grassy = caption.words[4]
     (maps,) = tiny_qwen.explain(image, caption, word_indices=[4], method="hirescam")
     by_hand = sum(log_p_by_hand(p - 1, caption.token_ids[p]) for p in range(grassy.start, grassy.end))
@@ -186,6 +187,40 @@ def test_contrastive_target_compares_the_foil_spelled_as_the_word(tiny_qwen, cap
     expected = (log_probs[caption.token_ids[position]] - log_probs[foil_id]).item()
     (maps,) = tiny_qwen.explain(image, caption, word_indices=[1], foil="blue")
     assert maps.score == pytest.approx(expected, abs=1e-5)
+    assert maps.foil == "blue"
+
+
+def test_the_default_contrasts_each_word_with_the_models_runner_up(tiny_qwen, caption):
+    """The family's default target is log p(word) - log p(the most probable other id, never a
+    special one) at the word's first piece; a given foil overrides the runner-up."""
+    assert tiny_qwen.default_method == "attention_contrast"
+    image = random_image(3, IMAGE_SIZE)
+    position = caption.words[1].start
+    with torch.no_grad():
+        logits = tiny_qwen.model(**prompt_and_answer_batch(tiny_qwen, image)).logits[0]
+    log_probs = logits[position - 1].double().log_softmax(-1)
+    ranked = [token_id for token_id in log_probs.argsort(descending=True).tolist()
+              if token_id != caption.token_ids[position] and token_id not in tiny_qwen.special_ids]  # fmt: skip
+    runner_up = ranked[0]
+    expected = (log_probs[caption.token_ids[position]] - log_probs[runner_up]).item()
+    (maps,) = tiny_qwen.explain(image, caption, word_indices=[1])
+    assert maps.score == pytest.approx(expected, abs=1e-5)
+    assert maps.foil == tiny_qwen.processor.tokenizer.decode([runner_up]).strip()
+    (given,) = tiny_qwen.explain(image, caption, word_indices=[1], foil="blue")
+    assert given.foil == "blue"
+
+
+def test_the_runner_up_is_read_off_the_explanations_own_forward_pass(tiny_qwen, caption):
+    """Contrasting with the runner-up costs no second forward pass over the model."""
+    calls = []
+    handle = tiny_qwen.model.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    try:
+        for method in ("attention", "attention_contrast"):
+            calls.clear()
+            tiny_qwen.explain(random_image(4, IMAGE_SIZE), caption, word_indices=[1, 2], method=method)
+            assert len(calls) == 1, method
+    finally:
+        handle.remove()
 
 
 def one_word_pass(explainer, image, caption, word_index, module, output_index=0):
@@ -244,7 +279,7 @@ def test_all_language_layers_in_one_pass_equal_one_pass_per_layer(tiny_qwen, cap
     assert maps.cam_patches[:TEXT_LAYERS].max() > 0, "the mean of blank maps would prove nothing"
     np.testing.assert_allclose(maps.cam_patches[-1], maps.cam_patches[:TEXT_LAYERS].mean(axis=0), rtol=1e-5)
     assert maps.layer_names[-1] == f"language model attention, mean of all {TEXT_LAYERS} layers"
-    assert tiny_qwen.default_method == "attention"
+    assert tiny_qwen.default_method == "attention_contrast"
     assert tiny_qwen.default_layer("attention") == TEXT_LAYERS
 
 
@@ -437,7 +472,8 @@ def test_qwen2_5_vision_blocks_are_in_window_order(tiny_qwen):
 
 def test_the_app_captions_and_explains_with_a_local_qwen_folder(tmp_path):
     """The page through AppTest on a tiny Qwen2-VL named by the server's local-folder setting:
-    the instruction box, the default method, a heatmap, then the causal test, without an error."""
+    the instruction box, the default method and the runner-up it contrasts with, a heatmap, then
+    the causal test, without an error."""
     from tests.app_helpers import pick_example, start_app
     from tests.tiny_models import build_tiny_clip, save_tiny
 
@@ -452,7 +488,8 @@ def test_the_app_captions_and_explains_with_a_local_qwen_folder(tmp_path):
         pick_example(app, "photo_chelsea.jpg")  # 451 x 300: not square
         assert not app.exception, app.exception
         assert "Describe this image" not in app.subheader[0].value, "the caption heading shows the answer alone"
-        assert app.selectbox(key="method").value == "attention"
+        assert app.selectbox(key="method").value == "attention_contrast"
+        assert any("” against “" in caption.value for caption in app.caption), "the page names the runner-up"
         assert len(app.get("image")) >= 1
         app.slider(key="auto_fraction").set_value(25).run()
         app.button(key="auto_region").click().run()

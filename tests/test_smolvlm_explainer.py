@@ -126,7 +126,7 @@ def test_logits_before_a_token_score_it(tiny_smolvlm, caption):
     teacher_forced = tiny_smolvlm.token_log_probs([image], caption.token_ids)[0]
     assert np.isnan(teacher_forced[0])
     assert teacher_forced[red] == pytest.approx(expected, abs=1e-5)
-    (maps,) = tiny_smolvlm.explain(image, caption, word_indices=[1])
+    (maps,) = tiny_smolvlm.explain(image, caption, word_indices=[1], method="attention")
     assert maps.score == pytest.approx(expected, abs=1e-5)
 
 
@@ -135,7 +135,7 @@ def test_a_multi_piece_word_scores_the_sum_of_its_pieces(tiny_smolvlm, caption):
     assert squares.end - squares.start > 1, "the test needs a word of several pieces"
     image = random_image(1)
     per_token = tiny_smolvlm.token_log_probs([image], caption.token_ids)[0]
-    (maps,) = tiny_smolvlm.explain(image, caption, word_indices=[5])
+    (maps,) = tiny_smolvlm.explain(image, caption, word_indices=[5], method="attention")
     assert maps.score == pytest.approx(per_token[squares.start : squares.end].sum(), abs=1e-5)
 
 
@@ -183,7 +183,7 @@ def test_all_attention_layers_in_one_pass_equal_one_pass_per_layer(tiny_smolvlm,
     assert maps.cam_patches[:-1].max() > 0, "the mean of blank maps would prove nothing"
     np.testing.assert_allclose(maps.cam_patches[-1], maps.cam_patches[:-1].mean(axis=0), rtol=1e-5, atol=1e-9)
     assert maps.layer_names[-1] == f"language model attention, mean of all {len(tiny_smolvlm.attentions)} layers"
-    assert tiny_smolvlm.default_method == "attention"
+    assert tiny_smolvlm.default_method == "attention_contrast"
     assert tiny_smolvlm.default_layer("attention") == len(tiny_smolvlm.attentions)
 
 
