@@ -218,7 +218,7 @@ def csv_row(
     return {
         "image": image_name, "word": map_scores.word, "category": category or "",
         "layer": map_scores.layer_name, "method": map_scores.method,
-        "probability": math.exp(map_scores.score),
+        "probability": math.exp(map_scores.log_p),
         "deletion_auc": float(map_scores.deletion.auc), "insertion_auc": float(map_scores.insertion.auc),
         "random_deletion_auc": float(scores.random_deletion.auc[slot]),
         "random_insertion_auc": float(scores.random_insertion.auc[slot]),

@@ -91,7 +91,7 @@ class MapScores:
         word: the explained word.
         slot: the word's place among the measured words (its column in the random baselines).
         layer_name: the map's label.
-        score: the explained target (log p of the word).
+        score: the explained target (log p of the word, or its contrast with the runner-up).
         pointing_game, box_mass: against the word's boxes; None when it has none.
         pointing_game_strict: the peak patch overlaps the word's boxes (``pointing_game_strict``);
             None when it has none.
@@ -111,6 +111,11 @@ class MapScores:
     deletion: Curve
     insertion: Curve | None
     removal: RemovalRegion | None
+
+    @property
+    def log_p(self) -> float:
+        """The word's log p on the unmasked image, whatever the map's target: where its deletion curve starts."""
+        return float(self.deletion.reference)
 
 
 @dataclass(frozen=True)

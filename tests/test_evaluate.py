@@ -173,6 +173,9 @@ def test_evaluate_runs_on_a_family_folder(family, tmp_path, scene_seeds):
     assert evaluate.main(arguments) == 0
     rows = [row for path in out.glob("*.csv") for row in read_csv(path)]
     assert rows, "the answers' words were measured"
+    # The word's own probability, whatever the family's default map explains (a decoder-only
+    # family's contrasts each word with its runner-up: exp of that is no probability).
+    assert all(0 < float(row["probability"]) <= 1 for row in rows)
 
 
 def test_each_row_carries_its_words_visual_reliance(evaluation, demo_blip, scene_seeds):
