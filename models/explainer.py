@@ -715,7 +715,7 @@ class CaptionerExplainer(PretrainedExplainer):
             word_index: index into ``caption.words``.
             piece: explain only this piece of the word (0-based); None for all its pieces.
             foil_id: a contrasting vocabulary id; the target becomes log p(word) - log p(foil)
-                at the word's first piece.
+                at the word's first piece (or ``piece``: ``contrast_position``).
         """
         if foil_id is not None:
             return contrastive_target(caption.token_ids, contrast_position(caption, word_index, piece), foil_id)
