@@ -184,9 +184,11 @@ def test_a_crafted_click_message_is_ignored(explained_page):
     from playwright.sync_api import expect
 
     page = explained_page
-    frame = page.locator('iframe[title*="streamlit_image_coordinates"]').element_handle().content_frame()
 
     def send(value: str) -> None:
+        # The component's frame afresh each time: a sound first corner redraws the image, and
+        # the frame that drew it is detached.
+        frame = page.locator('iframe[title*="streamlit_image_coordinates"]').element_handle().content_frame()
         frame.evaluate(
             "value => window.parent.postMessage({isStreamlitMessage: true, type: 'streamlit:setComponentValue',"
             " value: value, dataType: 'json'}, '*')",
