@@ -397,8 +397,8 @@ def measure_scene(
     box_first_auc = box_first_deletion(captioner, scene, caption, cases, settings, seed)
     tally.random_deletion_auc.extend(random_auc.tolist())
     tally.box_first_deletion_auc.extend(box_first_auc.tolist())
-    headline = [map_scores for map_scores in scores.maps
-                if (map_scores.method, map_scores.layer_name) == headline_map(captioner, methods)]  # fmt: skip
+    headline_key = headline_map(captioner, methods)
+    headline = [map_scores for map_scores in scores.maps if (map_scores.method, map_scores.layer_name) == headline_key]
     tally.headline_scenes.append(SceneSums(
         words=len(headline),
         strict_hits=sum(map_scores.pointing_game_strict for map_scores in headline),
