@@ -21,7 +21,7 @@ from models.explainer import (
     Method,
     OcclusionMethod,
     attention_row_relevance,
-    cross_attention_method,
+    cross_attention_methods,
     patch_token_relevance,
     vision_layer_methods,
 )
@@ -35,10 +35,9 @@ class BlipExplainer(CaptionerExplainer):
     processor_class = AutoProcessor
     model_types = ("blip",)
     demo_component = "blip"
-    # Measured best on the shapes benchmark (bench/faithfulness.py), shown at its last map, the
-    # mean over all decoder layers: pointing game 0.95 there, against 0.88 to 0.91 for any single
-    # decoder layer and 0.87 for HiResCAM's best layer.
-    default_method = "cross_attention"
+    # Measured best on the shapes benchmark (bench/faithfulness.py, README), shown at its last
+    # map, the mean over all decoder layers.
+    default_method = "cross_attention_softmax"
     prompt_label = "Prompt (conditional captioning)"
     prompt_help = "The caption starts with these words and the model goes on; empty: a caption of its own."
 
@@ -62,8 +61,10 @@ class BlipExplainer(CaptionerExplainer):
         vision_methods = vision_layer_methods(
             self.vision_layers, lambda cam: patch_token_relevance(cam, first_patch_token=1)  # after CLS
         )
-        cross_attention = cross_attention_method(self.cross_attentions, attention_row_relevance(first_patch_key=1))
-        return {**vision_methods, "cross_attention": cross_attention, "occlusion": OcclusionMethod()}
+        cross_attention = cross_attention_methods(
+            self.cross_attentions, lambda pooling: attention_row_relevance(first_patch_key=1, pooling=pooling)
+        )
+        return {**vision_methods, **cross_attention, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         return self.model.vision_model.encoder.layers

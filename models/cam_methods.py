@@ -52,4 +52,26 @@ def gradient_attention(attention: torch.Tensor, gradients: torch.Tensor) -> torc
     return torch.relu(gradients * attention).mean(dim=-2)
 
 
+def softmax_gradient_attention(attention: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Gradient x attention that also reads the gradient through the softmax.
+
+    A row's attention sums to one, so a key gains attention only by taking it from the others.
+    The gradient at key k's score (before the softmax) says so: A_k (g_k - g_mean), where g_mean
+    = sum_j A_j g_j is the gradient of what the row reads on average. It credits the keys that
+    serve the target better than the row's average, and drops what every key the row reads
+    serves alike (on the BLIP shapes demo: where the next object is, which the neighbour the row
+    also reads tells). Its ReLU zeroes every key below the mean, though, and leaves their order
+    to ties; the mean with plain gradient x attention orders them.
+
+    Args:
+        attention: (..., heads, keys) attention probabilities of one query row, over all its keys.
+        gradients: same shape, d target / d probabilities.
+    Returns:
+        (..., keys) relevance: (ReLU(A g) + ReLU(A (g - g_mean))) / 2, averaged over heads, >= 0.
+    """
+    mean_gradient = (attention * gradients).sum(dim=-1, keepdim=True)
+    score_gradient = attention * (gradients - mean_gradient)
+    return (gradient_attention(attention, gradients) + torch.relu(score_gradient).mean(dim=-2)) / 2
+
+
 VISION_LAYER_METHODS = {"gradcam": grad_cam, "hirescam": hires_cam}

@@ -41,7 +41,7 @@ from models.explainer import (
     Method,
     OcclusionMethod,
     attention_row_relevance,
-    cross_attention_method,
+    cross_attention_methods,
     special_token_ids,
     switch_to_eager_attention,
     vision_layer_methods,
@@ -99,7 +99,7 @@ class Florence2Explainer(CaptionerExplainer):
     model_types = ("florence2",)
     demo_component = "blip"  # no bundled Florence-2 demo: "shapes-demo" stays the BLIP one
     # BLIP's default, for the same architecture of reading: the decoder cross-attends to the image.
-    default_method = "cross_attention"
+    default_method = "cross_attention_softmax"
     prompt_label = "Task"
     prompt_help = (
         "Florence-2 captions by task: a short caption, a detailed one, or a paragraph."
@@ -147,11 +147,13 @@ class Florence2Explainer(CaptionerExplainer):
         )
         patches = self.grid_shape[0] * self.grid_shape[1]
         # Encoder keys: the mean token, the patches, then the prompt's text.
-        patch_keys = attention_row_relevance(first_patch_key=1, patch_count=patches)
-        cross_attention = cross_attention_method(
-            self.cross_attentions, decoder_rows_relevance(patch_keys, self.encoder_length)
+        cross_attention = cross_attention_methods(
+            self.cross_attentions,
+            lambda pooling: decoder_rows_relevance(
+                attention_row_relevance(first_patch_key=1, patch_count=patches, pooling=pooling), self.encoder_length
+            ),
         )
-        return {"cross_attention": cross_attention, **vision_methods, "occlusion": OcclusionMethod()}
+        return {**cross_attention, **vision_methods, "occlusion": OcclusionMethod()}
 
     def vision_tower_layers(self) -> Sequence[nn.Module]:
         return [block for stage in self.model.model.vision_tower.blocks for block in stage]

@@ -111,7 +111,7 @@ def test_all_layers_in_one_pass_equal_one_pass_per_layer(tiny_blip, caption):
     assert maps.cam_patches.shape == (len(tiny_blip.vision_layers), tiny_blip.image_geometry(image.size).patch_count)
 
 
-@pytest.mark.parametrize("method", ["hirescam", "gradcam", "cross_attention", "occlusion"])
+@pytest.mark.parametrize("method", ["hirescam", "gradcam", "cross_attention_softmax", "cross_attention", "occlusion"])
 def test_all_words_at_once_equal_each_word_alone(tiny_blip, caption, method):
     image = random_image(4)
     together = tiny_blip.explain(image, caption, method=method)
@@ -124,14 +124,15 @@ def test_all_words_at_once_equal_each_word_alone(tiny_blip, caption, method):
         assert np.isfinite(maps.cam_patches).all() and (maps.cam_patches >= 0).all()
 
 
-def test_cross_attention_ends_with_the_mean_over_decoder_layers_shown_first(tiny_blip, caption):
-    (maps,) = tiny_blip.explain(random_image(11), caption, word_indices=[2], method="cross_attention")
+@pytest.mark.parametrize("method", ["cross_attention_softmax", "cross_attention"])
+def test_cross_attention_ends_with_the_mean_over_decoder_layers_shown_first(tiny_blip, caption, method):
+    (maps,) = tiny_blip.explain(random_image(11), caption, word_indices=[2], method=method)
     layer_count = len(tiny_blip.cross_attentions)
     assert maps.cam_patches.shape[0] == layer_count + 1
     assert maps.layer_names[-1] == f"decoder cross-attention, mean of all {layer_count} layers"
     assert maps.cam_patches[:layer_count].max() > 0, "the mean of blank maps would prove nothing"
     np.testing.assert_allclose(maps.cam_patches[-1], maps.cam_patches[:layer_count].mean(axis=0), rtol=1e-5, atol=1e-9)
-    assert tiny_blip.default_layer("cross_attention") == layer_count
+    assert tiny_blip.default_layer(method) == layer_count
     assert tiny_blip.default_layer("hirescam") == len(tiny_blip.vision_layers) - 1
 
 

@@ -36,7 +36,7 @@ from tests.tiny_models import save_tiny
 ANSWER = " A red circles and a blue square."
 ANSWER_WORDS = ["A", "red", "circles", "and", "a", "blue", "square", "."]
 PATCHES = GRID * GRID
-METHODS = ["cross_attention", "hirescam", "gradcam", "occlusion"]
+METHODS = ["cross_attention_softmax", "cross_attention", "hirescam", "gradcam", "occlusion"]
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +175,10 @@ def test_all_vision_stages_in_one_pass_equal_one_pass_per_stage(tiny_florence2, 
     assert (maps.cam_patches.max(axis=1) > 0).all()
 
 
-def test_all_cross_attention_layers_in_one_pass_equal_one_pass_per_layer(tiny_florence2, caption, caption_ids):
+@pytest.mark.parametrize("method", ["cross_attention", "cross_attention_softmax"])
+def test_all_cross_attention_layers_in_one_pass_equal_one_pass_per_layer(tiny_florence2, caption, caption_ids, method):
     image = random_image(4)
-    (maps,) = tiny_florence2.explain(image, caption, word_indices=[2], method="cross_attention")
+    (maps,) = tiny_florence2.explain(image, caption, word_indices=[2], method=method)
     word = caption.words[2]
     encoder_length = tiny_florence2.encoder_length(caption_ids)
     rows = slice(word.start - encoder_length - 1, word.end - encoder_length - 1)  # the decoder's rows
@@ -186,19 +187,24 @@ def test_all_cross_attention_layers_in_one_pass_equal_one_pass_per_layer(tiny_fl
             tiny_florence2, module, image, caption_ids, word, output_index=1
         )
         assert attention.shape[-1] == IMAGE_TOKENS + encoder_length, "keys: image tokens, then the prompt"
-        by_hand = torch.relu(gradient[0] * attention[0])[:, rows, 1:IMAGE_TOKENS].mean(dim=0).sum(dim=0)
+        per_key = torch.relu(gradient[0] * attention[0])
+        if method == "cross_attention_softmax":  # the gradient at the scores: over all keys, the prompt's too
+            at_scores = attention[0] * (gradient[0] - (attention[0] * gradient[0]).sum(dim=-1, keepdim=True))
+            per_key = (per_key + torch.relu(at_scores)) / 2
+        by_hand = per_key[:, rows, 1:IMAGE_TOKENS].mean(dim=0).sum(dim=0)
         np.testing.assert_allclose(maps.cam_patches[layer], by_hand.numpy(), rtol=1e-4, atol=1e-10)
-        np.testing.assert_allclose(
-            by_hand.numpy(),
-            gradient_attention(attention[0][:, rows].transpose(0, 1), gradient[0][:, rows].transpose(0, 1))
-            .sum(dim=0)[1:IMAGE_TOKENS].numpy(),
-            rtol=1e-5, atol=1e-10,
-        )
+        if method == "cross_attention":
+            np.testing.assert_allclose(
+                by_hand.numpy(),
+                gradient_attention(attention[0][:, rows].transpose(0, 1), gradient[0][:, rows].transpose(0, 1))
+                .sum(dim=0)[1:IMAGE_TOKENS].numpy(),
+                rtol=1e-5, atol=1e-10,
+            )
         assert by_hand.max() > 0
     assert maps.cam_patches.shape == (DECODER_LAYERS + 1, PATCHES)
     np.testing.assert_allclose(maps.cam_patches[-1], maps.cam_patches[:-1].mean(axis=0), rtol=1e-5, atol=1e-12)
-    assert tiny_florence2.default_method == "cross_attention"
-    assert tiny_florence2.default_layer("cross_attention") == DECODER_LAYERS
+    assert tiny_florence2.default_method == "cross_attention_softmax"
+    assert tiny_florence2.default_layer(method) == DECODER_LAYERS
 
 
 @pytest.mark.parametrize("method", METHODS)
