@@ -45,17 +45,18 @@ class Demo:
 
 
 DEMOS = {
-    # Measured on these 20 scenes: caption_exact 0.95, clip_top1 1.00, pointing_game 0.95,
-    # pointing_game_strict 0.95, causal_removal 1.00, control_unchanged 1.00 (mean decoder
-    # cross-attention); over 200 scenes the bench measured 0.955, 0.960, 0.950, 0.994 and 1.000.
-    # Reliance AUCs, object words vs a/and and vs forced words: 1.000 and 0.928 (1.000 and
-    # 0.972 over 100 scenes). Deletion 0.473 of random orders (0.487 over 500 scenes).
+    # Measured on these 20 scenes: caption_exact 0.95, clip_top1 1.00, pointing_game 1.00,
+    # pointing_game_strict 1.00, causal_removal 1.00, control_unchanged 1.00 (mean decoder
+    # cross-attention, read through the softmax too); over 500 scenes the bench measured 0.968,
+    # 0.968, 0.957, 0.953, 0.997 and 1.000. Reliance AUCs, object words vs a/and and vs forced
+    # words: 1.000 and 0.928 (1.000 and 0.972 over 100 scenes). Deletion 0.427 of random orders
+    # (0.471 over 500 scenes).
     "blip": Demo(
         SHAPES_DEMO, "blip", generate_scene,
-        {"caption_exact": 0.90, "clip_top1": 0.85, "pointing_game": 0.85, "pointing_game_strict": 0.85,
+        {"caption_exact": 0.90, "clip_top1": 0.85, "pointing_game": 0.90, "pointing_game_strict": 0.90,
          "causal_removal": 0.90, "control_unchanged": 0.90},
         {"auc_object_vs_function": 0.95, "auc_object_vs_forced": 0.85},
-        deletion_ratio_ceiling=0.55,
+        deletion_ratio_ceiling=0.50,
     ),
     # Measured on these 20 scenes (varied sizes): caption_exact 1.00, pointing_game 0.77,
     # pointing_game_strict 0.98, causal_removal 1.00, control_unchanged 1.00 (mean gradient x
@@ -143,4 +144,6 @@ def test_headline_intervals_bracket_what_they_estimate(name, measured):
         (results["deletion_ratio"], results["deletion_ratio_ci95"]),
     ):
         assert low <= estimate <= high
-        assert high - low > 0  # twenty scenes do not pin a number down
+        # Twenty scenes do not pin a number down, unless every word hit (or missed): then every
+        # resample of the scenes scores the same share.
+        assert high - low > 0 or estimate in (0.0, 1.0)
